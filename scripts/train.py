@@ -1,0 +1,98 @@
+"""stn-train: train a Self-Tuning Network.
+
+  stn-train --experiment=relu_toy --logdir=/tmp/stn/toy
+  stn-train --experiment=cifar_cnn --dataset=folder:$HOME/data/cifar10 --logdir=/tmp/stn/cnn
+
+Every flag left unset takes the experiment's registered default. `--flagfile=FILE` reads flags
+from a file (one `--name=value` per line); the run saves its own as `<logdir>/flags.txt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+
+from absl import app, flags, logging  # noqa: E402
+
+from stn_pipeline import experiments  # noqa: E402
+from stn_pipeline.run import ConfigError, run_experiment  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("experiment", "relu_toy", f"One of {sorted(experiments.EXPERIMENTS)}.")
+flags.DEFINE_string("logdir", None, "Folder for TensorBoard logs, results.json and exports.")
+flags.DEFINE_bool("overwrite", False, "Move an existing run in --logdir aside and start anew.")
+
+_HELP = {
+    "seed": "Seed of initialisation, data order, perturbations and masks.",
+    "batch_size": "Examples per weight and hyper step.",
+    "epochs": "Maximum number of epochs.",
+    "max_steps": "Cap on weight steps (0: none); also --max_cycles.",
+    "warmup_epochs": "Epochs of weight steps only before tuning starts.",
+    "train_steps": "Weight steps per cycle.",
+    "hyper_steps": "Hyper steps per cycle.",
+    "weight_optimizer": "'sgd' (momentum 0.9) or 'adam'.",
+    "weight_lr": "Learning rate of the model weights.",
+    "hyper_lr": "Adam learning rate of the hyperparameters.",
+    "scale_lr": "Adam learning rate of the perturbation scales.",
+    "tau": "Entropy weight of the hyper loss.",
+    "tune": "False freezes the hyperparameters at their initial values (the baseline).",
+    "tune_scales": "Learn the perturbation scales.",
+    "nonmono": "Window (epochs) of the non-monotone learning-rate decay; 0 disables it.",
+    "patience": "Early stopping after this many epochs without improvement; 0 disables it.",
+    "log_every": "Weight steps between progress lines and summaries.",
+    "toy_depth": "relu_toy: number of hidden layers.",
+    "toy_width": "relu_toy: units per hidden layer.",
+    "toy_r0": "relu_toy: initial input half-width r.",
+    "toy_train_size": "relu_toy: number of training points.",
+    "dataset": "'cifar10' (or any TFDS image classification name) or 'folder:<dir>'.",
+    "data_dir": "TFDS data folder.",
+    "valid_fraction": "Part of the training split held out for hyper steps and selection.",
+    "max_examples": "Use only the first N training (and test) examples; 0: all.",
+}
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+for _field in dataclasses.fields(experiments.RunConfig):
+    if _field.name in _HELP:
+        _kind = type(_field.default) if _field.default is not None else str
+        _DEFINE[_kind](_field.name, None, _HELP[_field.name] + " Default: the experiment's.")
+flags.DEFINE_integer("max_cycles", None, "Cap on cycles (= --max_steps * --train_steps).")
+
+
+def config_from_flags() -> experiments.RunConfig:
+    """The experiment's defaults, overridden by every flag given on the command line."""
+    config = experiments.default_config(FLAGS.experiment)
+    given = {name: FLAGS[name].value for name in _HELP if FLAGS[name].value is not None}
+    config = dataclasses.replace(config, **given)
+    if FLAGS.max_cycles is not None:
+        if FLAGS.max_cycles < 0:
+            raise ConfigError(f"--max_cycles must be >= 0, received {FLAGS.max_cycles}.")
+        config = dataclasses.replace(config, max_steps=FLAGS.max_cycles * config.train_steps)
+    return config
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"stn-train: error: unexpected arguments {argv[1:]}; flags take the form "
+                 "--name=value.")
+    logging.set_verbosity(logging.INFO)
+    try:
+        if not FLAGS.logdir:
+            raise ConfigError("--logdir is required.")
+        config = config_from_flags()
+        flagfile_text = FLAGS.flags_into_string()
+        results = run_experiment(config, FLAGS.logdir, FLAGS.overwrite, flagfile_text)
+    except ValueError as error:  # ConfigError, DataError and HParam validation
+        sys.exit(f"stn-train: error: {error}")
+    summary = {k: round(v, 4) for k, v in results.items() if k.startswith(("val_", "test_"))}
+    print(f"done: {summary} final hyperparameters {results['final_hparams']}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

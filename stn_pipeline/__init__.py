@@ -1,0 +1,1 @@
+"""stn_pipeline: Self-Tuning Networks for TensorFlow 2."""

@@ -1,0 +1,152 @@
+"""STN layers: the structured best-response approximation of the original paper.
+
+Each layer holds an elementary path (W_e, b_e), a response path (W_h, b_h), a bias-free linear
+map V from the H hypernet inputs to 2 * D_out gates, and a learnable scalar c:
+
+    y = c * (x W_e + b_e) + (h V_w) * (x W_h) + (h V_b) * b_h
+
+with one gate per output unit (dense) or output channel (conv), broadcast over space. At a fixed
+h the layer is an ordinary layer with kernel c W_e + W_h diag(h V_w); `folded` returns it.
+
+#### References
+MacKay et al., Self-Tuning Networks, ICLR 2019, https://arxiv.org/abs/1903.03088 (section 4.2)
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+__all__ = ["StnConv2D", "StnDense", "dropout"]
+
+_GATE_STDDEV = 0.01  # the original STN initialisation of V
+
+
+class _StnLayer(tf.Module):
+    """Shared parameters and gate arithmetic of the two STN layers."""
+
+    def __init__(self, kernel_shape, fan_in: int, output_size: int, num_hparams: int,
+                 seed: int | None, name: str | None):
+        super().__init__(name=name)
+        if num_hparams < 1 or output_size < 1 or fan_in < 1:
+            raise ValueError(f"{type(self).__name__}: sizes must be >= 1, received "
+                             f"fan_in={fan_in}, output_size={output_size}, num_hparams={num_hparams}.")
+        self.output_size = output_size
+        self.num_hparams = num_hparams
+        bound = 1.0 / math.sqrt(fan_in)
+        init = (tf.random.Generator.from_non_deterministic_state() if seed is None
+                else tf.random.Generator.from_seed(seed))
+        uniform = lambda shape: init.uniform(shape, -bound, bound)  # noqa: E731
+        with self.name_scope:
+            # W_e and W_h are stored side by side: one matmul/conv computes both paths.
+            self.kernel = tf.Variable(uniform(kernel_shape[:-1] + [2 * output_size]), name="kernel")
+            self.bias = tf.Variable(uniform([2 * output_size]), name="bias")
+            self.gate_kernel = tf.Variable(
+                init.normal([num_hparams, 2 * output_size], stddev=_GATE_STDDEV), name="gate_kernel")
+            self.elementary_scale = tf.Variable(1.0, name="elementary_scale")
+
+    def gates(self, hnet_input: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """[B, H] hypernet input -> weight gates and bias gates, each [B, D_out]."""
+        gates = tf.matmul(hnet_input, self.gate_kernel)
+        return gates[:, :self.output_size], gates[:, self.output_size:]
+
+    def _combine(self, both: tf.Tensor, hnet_input: tf.Tensor) -> tf.Tensor:
+        """Combines the stacked [..., 2 D_out] pre-activations of both paths."""
+        elementary, response = tf.split(both, 2, axis=-1)
+        bias_e, bias_h = tf.split(self.bias, 2)
+        weight_gate, bias_gate = self.gates(hnet_input)
+        # Gates are per example and per unit; insert the spatial axes of conv outputs.
+        expand = [slice(None)] + [None] * (len(both.shape) - 2) + [slice(None)]
+        return (self.elementary_scale * (elementary + bias_e) + weight_gate[expand] * response
+                + bias_gate[expand] * bias_h)
+
+    def folded(self, hnet_input: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Kernel and bias of the ordinary layer equal to this one at a single [H] input."""
+        kernel_e, kernel_h = tf.split(self.kernel, 2, axis=-1)
+        bias_e, bias_h = tf.split(self.bias, 2)
+        weight_gate, bias_gate = self.gates(tf.reshape(hnet_input, [1, -1]))
+        kernel = self.elementary_scale * kernel_e + kernel_h * weight_gate[0]
+        return kernel, self.elementary_scale * bias_e + bias_gate[0] * bias_h
+
+
+class StnDense(_StnLayer):
+    """Fully connected STN layer with one gate per output unit."""
+
+    def __init__(self, input_size: int, output_size: int, num_hparams: int,
+                 seed: int | None = None, name: str | None = None):
+        """Constructs a `StnDense`.
+
+        Args:
+          input_size: D_in, the last dimension of the input.
+          output_size: D_out, the number of output units.
+          num_hparams: H, the width of the hypernet input.
+          seed: seed of the initialisation (W, b ~ U(+-1/sqrt(D_in)), V ~ N(0, 0.01^2), c = 1).
+          name: module name.
+        """
+        super().__init__([input_size, output_size], input_size, output_size, num_hparams, seed,
+                         name)
+        self.input_size = input_size
+
+    def __call__(self, inputs: tf.Tensor, hnet_input: tf.Tensor) -> tf.Tensor:
+        """[B, D_in] inputs and [B, H] hypernet input -> [B, D_out]."""
+        return self._combine(tf.matmul(inputs, self.kernel), hnet_input)
+
+
+class StnConv2D(_StnLayer):
+    """2-D convolution (NHWC) STN layer with one gate per output channel."""
+
+    def __init__(self, input_channels: int, output_channels: int, kernel_size: int,
+                 num_hparams: int, stride: int = 1, padding: str = "SAME",
+                 seed: int | None = None, name: str | None = None):
+        """Constructs a `StnConv2D`.
+
+        Args:
+          input_channels: C_in.
+          output_channels: C_out.
+          kernel_size: k for a k x k kernel.
+          num_hparams: H, the width of the hypernet input.
+          stride: spatial stride.
+          padding: "SAME" or "VALID".
+          seed: seed of the initialisation (fan_in = C_in k k, as in the original STN).
+          name: module name.
+        """
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(f"StnConv2D: padding must be 'SAME' or 'VALID', received {padding!r}.")
+        super().__init__([kernel_size, kernel_size, input_channels, output_channels],
+                         input_channels * kernel_size * kernel_size, output_channels, num_hparams,
+                         seed, name)
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(self, inputs: tf.Tensor, hnet_input: tf.Tensor) -> tf.Tensor:
+        """[B, H, W, C_in] inputs and [B, num_hparams] hypernet input -> [B, H', W', C_out]."""
+        both = tf.nn.conv2d(inputs, self.kernel, self.stride, self.padding)
+        return self._combine(both, hnet_input)
+
+
+def dropout(inputs: tf.Tensor, rate: tf.Tensor, seed: tf.Tensor, training: bool,
+            channelwise: bool = False) -> tf.Tensor:
+    """Inverted dropout with one drop probability per example.
+
+    Args:
+      inputs: [B, ...] activations.
+      rate: [B] drop probabilities in [0, 1); no gradient flows into them.
+      seed: shape-[2] integer seed of the stateless mask.
+      training: identity when False.
+      channelwise: drop whole channels of [B, H, W, C] feature maps (one draw per example and
+        channel) instead of single elements.
+
+    Returns:
+      inputs * mask / (1 - rate), with mask ~ Bernoulli(1 - rate) per example.
+    """
+    if not training:
+        return inputs
+    keep = 1.0 - tf.stop_gradient(tf.cast(rate, inputs.dtype))
+    keep = tf.reshape(keep, [-1] + [1] * (len(inputs.shape) - 1))
+    shape = tf.shape(inputs)
+    if channelwise:
+        shape = tf.concat([shape[:1], tf.ones_like(shape[1:-1]), shape[-1:]], axis=0)
+    mask = tf.cast(tf.random.stateless_uniform(shape, seed) < keep, inputs.dtype)
+    # divide_no_nan: a rate of exactly 1 drops everything instead of producing NaN.
+    return tf.math.divide_no_nan(inputs * mask, keep)

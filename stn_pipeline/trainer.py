@@ -1,0 +1,151 @@
+"""`StnTrainer`: the compiled weight step, hyper step and evaluation of a Self-Tuning Network.
+
+The one invariant that makes it an STN: in a weight step ONE perturbed hyperparameter sample is
+drawn per example, inside the compiled step, and that same sample drives the example's
+augmentation, its dropout rates and the gates of every STN layer. A hyper step sees clean
+validation inputs in evaluation mode, so the hyperparameters get gradient only through the gates,
+and values and scales are updated from one forward/backward pass without any weight gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from stn_pipeline import optimizers
+from stn_pipeline.hparams import HyperParameters
+from stn_pipeline.models.base import StnModel
+
+__all__ = ["StnTrainer", "TrainerConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Optimisation settings of `StnTrainer`.
+
+    Attributes:
+      weight_optimizer: "sgd" (momentum 0.9) or "adam" for the model weights.
+      weight_lr: learning rate of the weights.
+      hyper_lr: Adam learning rate of the unconstrained hyperparameter values.
+      scale_lr: Adam learning rate of the unconstrained perturbation scales.
+      tau: entropy weight; the hyper loss is validation loss - tau * entropy.
+      tune: False freezes the hyperparameters: no perturbation in weight steps (the baseline).
+      tune_scales: learn the perturbation scales in hyper steps (which are then perturbed).
+      seed: seed of the step randomness (augmentation and dropout masks).
+    """
+
+    weight_optimizer: str = "sgd"
+    weight_lr: float = 0.01
+    hyper_lr: float = 3e-3
+    scale_lr: float = 3e-3
+    tau: float = 1e-3
+    tune: bool = True
+    tune_scales: bool = True
+    seed: int = 0
+
+
+class StnTrainer(tf.Module):
+    """Owns a model, its hyperparameters and three optimizers; exposes compiled steps.
+
+    Steps take a batch `(inputs, targets)` of any batch size and return dicts of scalars (and, for
+    weight steps, the [B, H] per-example hyperparameter values, for histograms). They compile once:
+    their input signatures fix dtype and trailing shape, leaving the batch dimension free.
+    """
+
+    def __init__(self, model: StnModel, hparams: HyperParameters, input_spec: tf.TensorSpec,
+                 target_spec: tf.TensorSpec, config: TrainerConfig = TrainerConfig(),
+                 name: str | None = None):
+        """Constructs a `StnTrainer`.
+
+        Args:
+          model: an `StnModel` whose variables are all created (build it eagerly).
+          hparams: the tuned hyperparameters; their variables are never trained by weight steps.
+          input_spec: spec of one batch of raw inputs, batch dimension None.
+          target_spec: spec of one batch of targets, batch dimension None.
+          config: optimisation settings.
+          name: module name.
+        """
+        super().__init__(name=name)
+        self.model = model
+        self.hparams = hparams
+        self.config = config
+        self.input_spec = input_spec
+        self.target_spec = target_spec
+        hparam_refs = {v.ref() for v in hparams.variables}
+        # Select by object identity: names of TF2 variables are not unique.
+        self.weights = [v for v in model.trainable_variables if v.ref() not in hparam_refs]
+        if not self.weights:
+            raise ValueError(f"{type(model).__name__} has no trainable variables; build it first.")
+        self.weight_optimizer = optimizers.make_optimizer(
+            config.weight_optimizer, self.weights, config.weight_lr, name="weight_optimizer")
+        self.hyper_optimizer = optimizers.Adam([hparams.unconstrained_value], config.hyper_lr,
+                                               name="hyper_optimizer")
+        self.scale_optimizer = optimizers.Adam([hparams.unconstrained_scale], config.scale_lr,
+                                               name="scale_optimizer")
+        self.step_generator = tf.random.Generator.from_seed(config.seed)
+        self.tau = tf.Variable(float(config.tau), trainable=False, name="tau")
+        signature = [input_spec, target_spec]
+        self.weight_step = tf.function(self._weight_step, input_signature=signature)
+        self.hyper_step = tf.function(self._hyper_step, input_signature=signature)
+        self.evaluate = tf.function(self._evaluate, input_signature=signature)
+
+    def _mean_metrics(self, targets, outputs) -> dict[str, tf.Tensor]:
+        return {k: tf.reduce_mean(v) for k, v in self.model.metrics(targets, outputs).items()}
+
+    def _weight_step(self, inputs, targets):
+        """One SGD/Adam step of the model weights on a per-example perturbed batch."""
+        batch_size = tf.shape(targets)[0]
+        sample = self.hparams.sample(batch_size, perturb=self.config.tune)
+        seeds = self.step_generator.make_seeds(2)
+        inputs, targets = self.model.augment(inputs, targets, sample, seeds[:, 0])
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.weights)
+            outputs = self.model(inputs, sample, training=True, seed=seeds[:, 1])
+            loss = tf.reduce_mean(self.model.loss(targets, outputs))
+        self.weight_optimizer.apply(tape.gradient(loss, self.weights))
+        return {"loss": loss, **self._mean_metrics(targets, outputs),
+                "hparam_values": sample.values}
+
+    def _hyper_step(self, inputs, targets):
+        """One Adam step of hyperparameter values (and scales) on a clean validation batch."""
+        hparams = self.hparams
+        variables = [hparams.unconstrained_value, hparams.unconstrained_scale]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(variables)
+            sample = hparams.sample(tf.shape(targets)[0], perturb=self.config.tune_scales)
+            outputs = self.model(self.model.preprocess(inputs), sample, training=False, seed=None)
+            loss = tf.reduce_mean(self.model.loss(targets, outputs))
+            entropy = hparams.entropy()
+            hyper_loss = loss - self.tau * entropy
+        value_gradient, scale_gradient = tape.gradient(hyper_loss, variables)
+        self.hyper_optimizer.apply([value_gradient])
+        if self.config.tune_scales:
+            self.scale_optimizer.apply([scale_gradient])
+        return {"loss": loss, "hyper_loss": hyper_loss, "entropy": entropy,
+                **self._mean_metrics(targets, outputs)}
+
+    def _evaluate(self, inputs, targets):
+        """Sums of loss and metrics at the current, unperturbed hyperparameters (eval mode)."""
+        sample = self.hparams.sample(tf.shape(targets)[0], perturb=False)
+        outputs = self.model(self.model.preprocess(inputs), sample, training=False, seed=None)
+        sums = {"loss": tf.reduce_sum(self.model.loss(targets, outputs))}
+        for key, value in self.model.metrics(targets, outputs).items():
+            sums[key] = tf.reduce_sum(value)
+        sums["count"] = tf.cast(tf.shape(targets)[0], tf.float32)
+        return sums
+
+    def evaluate_dataset(self, dataset: tf.data.Dataset) -> dict[str, float]:
+        """Mean loss and metrics over a finite dataset of batches (eager loop over batches)."""
+        totals: dict[str, float] = {}
+        for inputs, targets in dataset:
+            for key, value in self.evaluate(inputs, targets).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        count = totals.pop("count", 0.0)
+        if not count:
+            raise ValueError("evaluate_dataset: the dataset is empty.")
+        return {key: value / count for key, value in totals.items()}
+
+    def state_variables(self) -> list[tf.Variable]:
+        """Every variable whose value determines the model's predictions (for best-state copies)."""
+        return list(self.model.variables) + list(self.hparams.variables)
