@@ -15,6 +15,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 
+import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from stn_pipeline import experiments  # noqa: E402
@@ -59,6 +60,7 @@ for _field in dataclasses.fields(experiments.RunConfig):
         _kind = type(_field.default) if _field.default is not None else str
         _DEFINE[_kind](_field.name, None, _HELP[_field.name] + " Default: the experiment's.")
 flags.DEFINE_integer("max_cycles", None, "Cap on cycles (= --max_steps * --train_steps).")
+flags.DEFINE_integer("threads", 0, "CPU threads for TensorFlow ops (0: TensorFlow's default).")
 
 
 def config_from_flags() -> experiments.RunConfig:
@@ -78,6 +80,9 @@ def main(argv):
         sys.exit(f"stn-train: error: unexpected arguments {argv[1:]}; flags take the form "
                  "--name=value.")
     logging.set_verbosity(logging.INFO)
+    if FLAGS.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
     try:
         if not FLAGS.logdir:
             raise ConfigError("--logdir is required.")
