@@ -20,11 +20,14 @@ from absl import app, flags, logging  # noqa: E402
 
 from stn_pipeline import experiments  # noqa: E402
 from stn_pipeline.run import ConfigError, run_experiment  # noqa: E402
+from stn_pipeline.training import NonFiniteError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", "relu_toy", f"One of {sorted(experiments.EXPERIMENTS)}.")
 flags.DEFINE_string("logdir", None, "Folder for TensorBoard logs, results.json and exports.")
 flags.DEFINE_bool("overwrite", False, "Move an existing run in --logdir aside and start anew.")
+flags.DEFINE_bool("restore_fallback", False,
+                  "Resume from the previous checkpoint when the newest one is damaged.")
 
 _HELP = {
     "seed": "Seed of initialisation, data order, perturbations and masks.",
@@ -44,6 +47,11 @@ _HELP = {
     "nonmono": "Window (epochs) of the non-monotone learning-rate decay; 0 disables it.",
     "patience": "Early stopping after this many epochs without improvement; 0 disables it.",
     "log_every": "Weight steps between progress lines and summaries.",
+    "checkpoint_every": "Weight steps between resume checkpoints (0: only at epoch ends).",
+    "keep_checkpoints": "How many resume checkpoints to keep.",
+    "on_nan": "'stop' (exit non-zero) or 'skip' (skip and count) a non-finite step.",
+    "nan_at_step": "Test hook: make the weight loss NaN at this weight step (0: never).",
+    "hparam_inits": "Initial values, e.g. 'dropout0=0.2,cutout_length=8'.",
     "toy_depth": "relu_toy: number of hidden layers.",
     "toy_width": "relu_toy: units per hidden layer.",
     "toy_r0": "relu_toy: initial input half-width r.",
@@ -61,6 +69,7 @@ for _field in dataclasses.fields(experiments.RunConfig):
         _DEFINE[_kind](_field.name, None, _HELP[_field.name] + " Default: the experiment's.")
 flags.DEFINE_integer("max_cycles", None, "Cap on cycles (= --max_steps * --train_steps).")
 flags.DEFINE_integer("threads", 0, "CPU threads for TensorFlow ops (0: TensorFlow's default).")
+flags.DEFINE_bool("deterministic", False, "Deterministic TensorFlow kernels (bitwise resumes).")
 
 
 def config_from_flags() -> experiments.RunConfig:
@@ -80,6 +89,9 @@ def main(argv):
         sys.exit(f"stn-train: error: unexpected arguments {argv[1:]}; flags take the form "
                  "--name=value.")
     logging.set_verbosity(logging.INFO)
+    tf.get_logger().setLevel("WARNING")  # TensorFlow's own INFO lines (checkpoint sharding...)
+    if FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
@@ -88,8 +100,9 @@ def main(argv):
             raise ConfigError("--logdir is required.")
         config = config_from_flags()
         flagfile_text = FLAGS.flags_into_string()
-        results = run_experiment(config, FLAGS.logdir, FLAGS.overwrite, flagfile_text)
-    except ValueError as error:  # ConfigError, DataError and HParam validation
+        results = run_experiment(config, FLAGS.logdir, FLAGS.overwrite, flagfile_text,
+                                 FLAGS.restore_fallback)
+    except (ValueError, NonFiniteError) as error:  # ConfigError, DataError, CheckpointError...
         sys.exit(f"stn-train: error: {error}")
     summary = {k: round(v, 4) for k, v in results.items() if k.startswith(("val_", "test_"))}
     print(f"done: {summary} final hyperparameters {results['final_hparams']}")

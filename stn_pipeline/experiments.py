@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from stn_pipeline import data as data_lib
-from stn_pipeline.hparams import HyperParameters
+from stn_pipeline.hparams import HParam, HyperParameters
 from stn_pipeline.models.alexnet import CifarAlexNet, alexnet_hparams
 from stn_pipeline.models.base import StnModel
 from stn_pipeline.models.cifar_cnn import CifarCnn, cifar_cnn_hparams
@@ -48,6 +48,11 @@ class RunConfig:
     nonmono: int = 60
     patience: int = 75
     log_every: int = 50
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    on_nan: str = "stop"
+    nan_at_step: int = 0
+    hparam_inits: str = ""
     # relu_toy
     toy_depth: int = 3
     toy_width: int = 32
@@ -90,7 +95,7 @@ def _batches(arrays, batch_size: int, seed: int | None) -> tf.data.Dataset:
 
 
 def _relu_toy_model(config: RunConfig) -> tuple[StnModel, HyperParameters]:
-    hparams = HyperParameters([input_range_hparam(config.toy_r0)], seed=config.seed)
+    hparams = HyperParameters(hparam_specs(config), seed=config.seed)
     model = ReluToy(config.toy_depth, config.toy_width, hparams.size, seed=config.seed)
     return model, hparams
 
@@ -103,6 +108,34 @@ def _image_model(config: RunConfig, metadata: dict, model_class,
     return model, hparams
 
 
+_SPECS = {
+    "relu_toy": lambda config: [input_range_hparam(config.toy_r0)],
+    "cifar_cnn": lambda config: cifar_cnn_hparams(),
+    "cifar_alexnet": lambda config: alexnet_hparams(),
+}
+
+
+def hparam_specs(config: RunConfig) -> list[HParam]:
+    """The experiment's hyperparameters, with `config.hparam_inits` ("name=value,...") applied.
+
+    Raises:
+      ValueError: for an unknown name, a malformed entry, or an init outside its range.
+    """
+    specs = _SPECS[config.experiment](config)
+    by_name = {spec.name: spec for spec in specs}
+    for entry in filter(None, (e.strip() for e in config.hparam_inits.split(","))):
+        name, _, value = entry.partition("=")
+        if name not in by_name:
+            raise ValueError(f"--hparam_inits: {config.experiment} has no hyperparameter "
+                             f"{name!r}; known: {sorted(by_name)}.")
+        try:
+            init = float(value)
+        except ValueError:
+            raise ValueError(f"--hparam_inits: {entry!r} is not name=number.") from None
+        by_name[name] = dataclasses.replace(by_name[name], init=init)
+    return [by_name[spec.name] for spec in specs]
+
+
 def build_relu_toy(config: RunConfig) -> Experiment:
     """y = x^2; weight steps see x = r u with u ~ U(-1, 1), validation x ~ U(-2, 2)."""
     rng = np.random.default_rng(config.seed)
@@ -111,8 +144,8 @@ def build_relu_toy(config: RunConfig) -> Experiment:
     valid_x, test_x = uniform(1024, 2.0), uniform(1024, 2.0)
     model, hparams = _relu_toy_model(config)
     data = RunData(
-        train=iter(_batches((train_u, np.zeros_like(train_u)), config.batch_size, config.seed)),
-        hyper=iter(_batches((valid_x, valid_x ** 2), config.batch_size, config.seed + 1)),
+        train=_batches((train_u, np.zeros_like(train_u)), config.batch_size, config.seed),
+        hyper=_batches((valid_x, valid_x ** 2), config.batch_size, config.seed + 1),
         valid=_batches((valid_x, valid_x ** 2), 1024, None),
         test=_batches((test_x, test_x ** 2), 1024, None),
         steps_per_epoch=max(1, config.toy_train_size // config.batch_size),
@@ -135,8 +168,8 @@ def _build_image_classifier(config: RunConfig, model_class, specs) -> Experiment
     model, hparams = _image_model(config, metadata, model_class, specs)
     eval_batch = max(config.batch_size, 500)
     data = RunData(
-        train=iter(data_lib.train_batches(splits.train, config.batch_size, seed=config.seed)),
-        hyper=iter(data_lib.train_batches(splits.valid, config.batch_size, seed=config.seed + 1)),
+        train=data_lib.train_batches(splits.train, config.batch_size, seed=config.seed),
+        hyper=data_lib.train_batches(splits.valid, config.batch_size, seed=config.seed + 1),
         valid=data_lib.eval_batches(splits.valid, eval_batch),
         test=None if splits.test is None else data_lib.eval_batches(splits.test, eval_batch),
         steps_per_epoch=info.num_train // config.batch_size,
@@ -147,12 +180,12 @@ def _build_image_classifier(config: RunConfig, model_class, specs) -> Experiment
 
 def build_cifar_cnn(config: RunConfig) -> Experiment:
     """The earlier TF port's CNN: 3 conv dropouts + pixel drop."""
-    return _build_image_classifier(config, CifarCnn, cifar_cnn_hparams())
+    return _build_image_classifier(config, CifarCnn, hparam_specs(config))
 
 
 def build_cifar_alexnet(config: RunConfig) -> Experiment:
     """The STN paper's AlexNet with its 15 hyperparameters."""
-    return _build_image_classifier(config, CifarAlexNet, alexnet_hparams())
+    return _build_image_classifier(config, CifarAlexNet, hparam_specs(config))
 
 
 # The paper's CIFAR schedule (section 4.1 of the reference): SGD 0.01, Adam 3e-3, tau 1e-3,

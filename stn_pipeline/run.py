@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
 from absl import logging
 
-from stn_pipeline import experiments
+from stn_pipeline import experiments, export
+from stn_pipeline.checkpoints import RunCheckpoints
 from stn_pipeline.summaries import RunLogger, write_json
 from stn_pipeline.trainer import StnTrainer
+from stn_pipeline.training import ON_NAN_MODES, LoopOptions, LoopState, fit
 
 __all__ = ["ConfigError", "prepare_logdir", "run_experiment", "validate_config"]
 
@@ -23,14 +26,17 @@ class ConfigError(ValueError):
 
 
 _POSITIVE = ("batch_size", "epochs", "train_steps", "log_every", "toy_depth", "toy_width",
-             "toy_train_size")
+             "toy_train_size", "keep_checkpoints")
 _NON_NEGATIVE = ("max_steps", "warmup_epochs", "hyper_steps", "nonmono", "patience",
-                 "max_examples", "tau")
+                 "max_examples", "tau", "checkpoint_every", "nan_at_step")
 _POSITIVE_FLOAT = ("weight_lr", "hyper_lr", "scale_lr", "toy_r0")
+# Settings that may change when a run is resumed: they do not change what is being trained.
+_RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+              "on_nan", "nan_at_step", "patience"}
 
 
 def validate_config(config: experiments.RunConfig) -> None:
-    """Raises `ConfigError` for the first setting that is out of range."""
+    """Raises `ConfigError` for the first setting that cannot work, before any heavy work."""
     if config.experiment not in experiments.EXPERIMENTS:
         raise ConfigError(f"--experiment={config.experiment!r} is unknown; choose one of "
                           f"{sorted(experiments.EXPERIMENTS)}.")
@@ -45,20 +51,54 @@ def validate_config(config: experiments.RunConfig) -> None:
     if config.weight_optimizer not in ("sgd", "adam"):
         raise ConfigError(f"--weight_optimizer must be 'sgd' or 'adam', received "
                           f"{config.weight_optimizer!r}.")
+    if config.on_nan not in ON_NAN_MODES:
+        raise ConfigError(f"--on_nan must be one of {ON_NAN_MODES}, received {config.on_nan!r}.")
+    if config.tune and config.hyper_steps == 0:
+        raise ConfigError("--hyper_steps=0 with --tune=true never tunes; use --tune=false for "
+                          "a fixed-hyperparameter run.")
+    if config.tune and config.warmup_epochs >= config.epochs:
+        raise ConfigError(f"--warmup_epochs={config.warmup_epochs} leaves no epoch of tuning "
+                          f"within --epochs={config.epochs}.")
+    if not config.dataset.strip():
+        raise ConfigError("--dataset is empty; give a TFDS name or folder:<dir>.")
+    try:
+        experiments.hparam_specs(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
-def prepare_logdir(logdir: str, overwrite: bool) -> None:
-    """Creates `logdir`; refuses to reuse one that holds results unless `overwrite`.
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = sorted((set(old) | set(new)) - _RESUMABLE)
+    return [f"--{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
-    With `overwrite`, the old run is moved aside to `<logdir>.old-<timestamp>`, never deleted.
+
+def prepare_logdir(logdir: str, config: experiments.RunConfig, overwrite: bool) -> bool:
+    """Creates `logdir` or checks that it holds the same run; returns True to resume it.
+
+    A logdir with a finished run (results.json) or a run of another configuration is refused
+    unless `overwrite`, which moves the old run aside to `<logdir>.old-<timestamp>`: results are
+    never deleted.
     """
+    config_path = os.path.join(logdir, CONFIG_FILE)
+    problem = None
     if os.path.exists(os.path.join(logdir, RESULTS_FILE)):
-        if not overwrite:
-            raise ConfigError(f"--logdir={logdir} already holds a finished run ({RESULTS_FILE}); "
-                              "choose another --logdir or pass --overwrite to move it aside.")
+        problem = f"--logdir={logdir} already holds a finished run ({RESULTS_FILE})"
+    elif os.path.exists(config_path):
+        with open(config_path) as handle:
+            differences = _differences(json.load(handle), _as_json(config))
+        if differences:
+            problem = (f"--logdir={logdir} holds a run with another configuration ("
+                       + "; ".join(differences) + ")")
+    elif os.path.isdir(logdir) and os.listdir(logdir):
+        problem = f"--logdir={logdir} is not empty and holds no stn-train run"
+    if problem and not overwrite:
+        raise ConfigError(problem + "; choose another --logdir or pass --overwrite to move it "
+                          "aside.")
+    if problem:
         aside = f"{logdir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(logdir, aside)
         logging.warning("moved the previous run in %s to %s", logdir, aside)
+    resume = os.path.exists(config_path)
     try:
         os.makedirs(logdir, exist_ok=True)
         probe = os.path.join(logdir, ".write_test")
@@ -67,40 +107,62 @@ def prepare_logdir(logdir: str, overwrite: bool) -> None:
         os.remove(probe)
     except OSError as error:
         raise ConfigError(f"--logdir={logdir} is not writable: {error.strerror}.") from None
+    return resume
+
+
+def _as_json(config: experiments.RunConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool = False,
-                   flagfile_text: str | None = None) -> dict:
+                   flagfile_text: str | None = None, restore_fallback: bool = False) -> dict:
     """Validates `config`, trains, and writes `results.json` and TensorBoard logs to `logdir`.
 
+    Rerunning with the same `logdir` and configuration resumes from the latest checkpoint.
     `flagfile_text`, if given, is saved as `<logdir>/flags.txt` (rerun with `--flagfile`).
+    `restore_fallback` resumes from an older checkpoint when the newest is damaged.
     """
     validate_config(config)
-    prepare_logdir(logdir, overwrite)
+    resume = prepare_logdir(logdir, config, overwrite)
     if flagfile_text is not None:
         with open(os.path.join(logdir, "flags.txt"), "w") as handle:
             handle.write(flagfile_text)
-    write_json(os.path.join(logdir, CONFIG_FILE), dataclasses.asdict(config))
+    write_json(os.path.join(logdir, CONFIG_FILE), _as_json(config))
     experiment = experiments.build_experiment(config)
     trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
                          experiment.target_spec, config.trainer_config())
+    loop_state = LoopState()
+    checkpoints = RunCheckpoints(logdir, trainer, loop_state, config.keep_checkpoints,
+                                 fallback=restore_fallback)
+    if resume:
+        restored = checkpoints.restore_latest()
+        logging.info("resuming from %s", restored or "scratch (no checkpoint was written yet)")
     logger = RunLogger(logdir)
     logging.info("experiment %s: %d hyperparameters %s, %d weight steps per epoch",
                  config.experiment, experiment.hparams.size, list(experiment.hparams.names),
                  experiment.data.steps_per_epoch)
-    results = fit_and_record(trainer, experiment, config, logger)
+    results = fit_and_record(trainer, experiment, config, logger, checkpoints, loop_state)
     logger.close()
     write_json(os.path.join(logdir, RESULTS_FILE), results)
     logging.info("results written to %s", os.path.join(logdir, RESULTS_FILE))
+    # The model is at its best-validation state (fit restored it): checkpoint and export it.
+    results.update(export.export_run(logdir, experiment.model, experiment.hparams,
+                                     experiment.input_spec, results))
+    write_json(os.path.join(logdir, RESULTS_FILE), results)
+    logging.info("best checkpoint %s, SavedModel %s", results["checkpoint_path"],
+                 results["export_path"])
     return results
 
 
 def fit_and_record(trainer: StnTrainer, experiment: experiments.Experiment,
-                   config: experiments.RunConfig, logger: RunLogger) -> dict:
+                   config: experiments.RunConfig, logger: RunLogger,
+                   checkpoints: RunCheckpoints | None = None,
+                   loop_state: LoopState | None = None) -> dict:
     """Trains and returns the results with the config and HParams summary attached."""
-    from stn_pipeline.training import fit  # local: keeps the import graph one-way
-    results = fit(trainer, experiment.data, config.schedule_config(), logger,
-                  log_every=config.log_every, max_steps=config.max_steps)
+    options = LoopOptions(config.log_every, config.max_steps, config.checkpoint_every,
+                          config.on_nan, config.nan_at_step)
+    results = fit(trainer, experiment.data, config.schedule_config(), logger, options,
+                  checkpoints, loop_state)
     results["config"] = dataclasses.asdict(config)
     results["metadata"] = experiment.metadata
     settings = dataclasses.asdict(config)

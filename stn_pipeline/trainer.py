@@ -20,6 +20,10 @@ from stn_pipeline.models.base import StnModel
 __all__ = ["StnTrainer", "TrainerConfig"]
 
 
+def _all_finite(tensors) -> tf.Tensor:
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None])
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     """Optimisation settings of `StnTrainer`.
@@ -85,6 +89,8 @@ class StnTrainer(tf.Module):
                                                name="scale_optimizer")
         self.step_generator = tf.random.Generator.from_seed(config.seed)
         self.tau = tf.Variable(float(config.tau), trainable=False, name="tau")
+        # Added to the weight loss; 0 except when a test sets it to NaN to exercise the guards.
+        self.loss_offset = tf.Variable(0.0, trainable=False, name="loss_offset")
         signature = [input_spec, target_spec]
         self.weight_step = tf.function(self._weight_step, input_signature=signature)
         self.hyper_step = tf.function(self._hyper_step, input_signature=signature)
@@ -94,7 +100,11 @@ class StnTrainer(tf.Module):
         return {k: tf.reduce_mean(v) for k, v in self.model.metrics(targets, outputs).items()}
 
     def _weight_step(self, inputs, targets):
-        """One SGD/Adam step of the model weights on a per-example perturbed batch."""
+        """One SGD/Adam step of the model weights on a per-example perturbed batch.
+
+        The update is applied only when the loss and every gradient are finite; the returned
+        `finite` flag tells the loop (which stops or counts a skipped step).
+        """
         batch_size = tf.shape(targets)[0]
         sample = self.hparams.sample(batch_size, perturb=self.config.tune)
         seeds = self.step_generator.make_seeds(2)
@@ -102,13 +112,19 @@ class StnTrainer(tf.Module):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.weights)
             outputs = self.model(inputs, sample, training=True, seed=seeds[:, 1])
-            loss = tf.reduce_mean(self.model.loss(targets, outputs))
-        self.weight_optimizer.apply(tape.gradient(loss, self.weights))
-        return {"loss": loss, **self._mean_metrics(targets, outputs),
+            loss = tf.reduce_mean(self.model.loss(targets, outputs)) + self.loss_offset
+        gradients = tape.gradient(loss, self.weights)
+        finite = _all_finite([loss] + gradients)
+        if finite:
+            self.weight_optimizer.apply(gradients)
+        return {"loss": loss, **self._mean_metrics(targets, outputs), "finite": finite,
                 "hparam_values": sample.values}
 
     def _hyper_step(self, inputs, targets):
-        """One Adam step of hyperparameter values (and scales) on a clean validation batch."""
+        """One Adam step of hyperparameter values (and scales) on a clean validation batch.
+
+        Skipped (and flagged through `finite`) when the loss or a gradient is not finite.
+        """
         hparams = self.hparams
         variables = [hparams.unconstrained_value, hparams.unconstrained_scale]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -119,11 +135,13 @@ class StnTrainer(tf.Module):
             entropy = hparams.entropy()
             hyper_loss = loss - self.tau * entropy
         value_gradient, scale_gradient = tape.gradient(hyper_loss, variables)
-        self.hyper_optimizer.apply([value_gradient])
-        if self.config.tune_scales:
-            self.scale_optimizer.apply([scale_gradient])
+        finite = _all_finite([hyper_loss, value_gradient, scale_gradient])
+        if finite:
+            self.hyper_optimizer.apply([value_gradient])
+            if self.config.tune_scales:
+                self.scale_optimizer.apply([scale_gradient])
         return {"loss": loss, "hyper_loss": hyper_loss, "entropy": entropy,
-                **self._mean_metrics(targets, outputs)}
+                **self._mean_metrics(targets, outputs), "finite": finite}
 
     def _evaluate(self, inputs, targets):
         """Sums of loss and metrics at the current, unperturbed hyperparameters (eval mode)."""
