@@ -67,13 +67,16 @@ for _field in dataclasses.fields(experiments.RunConfig):
     if _field.name in _HELP:
         _kind = type(_field.default) if _field.default is not None else str
         _DEFINE[_kind](_field.name, None, _HELP[_field.name] + " Default: the experiment's.")
-flags.DEFINE_integer("max_cycles", None, "Cap on cycles (= --max_steps * --train_steps).")
+flags.DEFINE_integer("max_cycles", None, "Cap on cycles; sets --max_steps = --max_cycles * --train_steps.")
 flags.DEFINE_integer("threads", 0, "CPU threads for TensorFlow ops (0: TensorFlow's default).")
 flags.DEFINE_bool("deterministic", False, "Deterministic TensorFlow kernels (bitwise resumes).")
 
 
 def config_from_flags() -> experiments.RunConfig:
     """The experiment's defaults, overridden by every flag given on the command line."""
+    if FLAGS.experiment not in experiments.EXPERIMENTS:
+        raise ConfigError(f"--experiment={FLAGS.experiment!r} is unknown; choose one of "
+                          f"{sorted(experiments.EXPERIMENTS)}.")
     config = experiments.default_config(FLAGS.experiment)
     given = {name: FLAGS[name].value for name in _HELP if FLAGS[name].value is not None}
     config = dataclasses.replace(config, **given)

@@ -125,7 +125,11 @@ class HyperParameters(tf.Module):
         self.specs = specs
         self.names = tuple(names)
         self._bijectors = [spec.bijector() for spec in specs]
-        init = [float(b.inverse(float(s.init))) for b, s in zip(self._bijectors, specs)]
+        # A discrete value starts mid-way into its integer cell, so that float32 round-off
+        # (and small moves) do not floor an integer init to the integer below.
+        start = [min(math.floor(s.init) + 0.5, (s.init + s.maximum) / 2)
+                 if s.kind == DISCRETE else s.init for s in specs]
+        init = [float(b.inverse(float(v))) for b, v in zip(self._bijectors, start)]
         scale = [float(tfp.math.softplus_inverse(float(s.scale_init))) for s in specs]
         self.unconstrained_value = tf.Variable(init, dtype=tf.float32, name="unconstrained_value")
         self.unconstrained_scale = tf.Variable(scale, dtype=tf.float32, name="unconstrained_scale")

@@ -23,7 +23,7 @@ class _Optimizer(tf.Module):
         if not learning_rate > 0:
             raise ValueError(f"{type(self).__name__}: learning_rate must be > 0, "
                              f"received {learning_rate}.")
-        self._targets = list(variables)  # not tracked twice: the owner tracks them.
+        self._targets = list(variables)
         with self.name_scope:
             self.learning_rate = tf.Variable(float(learning_rate), trainable=False,
                                              name="learning_rate")

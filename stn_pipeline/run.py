@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -95,7 +96,11 @@ def prepare_logdir(logdir: str, config: experiments.RunConfig, overwrite: bool) 
         raise ConfigError(problem + "; choose another --logdir or pass --overwrite to move it "
                           "aside.")
     if problem:
-        aside = f"{logdir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = aside = f"{logdir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        for suffix in itertools.count(1):  # two overwrites within a second get distinct names
+            if not os.path.exists(aside):
+                break
+            aside = f"{base}-{suffix}"
         os.rename(logdir, aside)
         logging.warning("moved the previous run in %s to %s", logdir, aside)
     resume = os.path.exists(config_path)
