@@ -150,3 +150,88 @@ def dropout(inputs: tf.Tensor, rate: tf.Tensor, seed: tf.Tensor, training: bool,
     mask = tf.cast(tf.random.stateless_uniform(shape, seed) < keep, inputs.dtype)
     # divide_no_nan: a rate of exactly 1 drops everything instead of producing NaN.
     return tf.math.divide_no_nan(inputs * mask, keep)
+
+
+class _FoldedLayer(tf.Module):
+    """An ordinary layer holding the folded kernel and bias of an STN layer at one fixed input."""
+
+    def __init__(self, kernel: tf.Tensor, bias: tf.Tensor, name: str | None):
+        super().__init__(name=name)
+        kernel = tf.convert_to_tensor(kernel, tf.float32)
+        bias = tf.convert_to_tensor(bias, tf.float32)
+        if kernel.shape[-1] != bias.shape[0] or len(bias.shape) != 1:
+            raise ValueError(f"{type(self).__name__}: the bias must be a vector with one entry per "
+                             f"output unit, received kernel {kernel.shape} and bias {bias.shape}.")
+        self.output_size = int(kernel.shape[-1])
+        with self.name_scope:
+            self.kernel = tf.Variable(kernel, name="kernel")
+            self.bias = tf.Variable(bias, name="bias")
+
+
+class FoldedDense(_FoldedLayer):
+    """The ordinary dense layer y = x K + b that an `StnDense` equals at a fixed hypernet input.
+
+    Called like the STN layer, `(inputs, hnet_input)`, so it can replace one inside a model; the
+    hypernet input is ignored because it was fixed when folding:
+
+        K = c W_e + W_h diag(h V_w),   b = c b_e + (h V_b) * b_h
+    """
+
+    def __init__(self, kernel: tf.Tensor, bias: tf.Tensor, name: str | None = None):
+        """Constructs a `FoldedDense` from a [D_in, D_out] kernel and a [D_out] bias."""
+        super().__init__(kernel, bias, name)
+        self.input_size = int(self.kernel.shape[0])
+
+    @classmethod
+    def from_stn(cls, layer: StnDense, hnet_input: tf.Tensor) -> "FoldedDense":
+        """Folds `layer` at the single [H] hypernet input `hnet_input`."""
+        kernel, bias = layer.folded(hnet_input)
+        return cls(kernel, bias, name=layer.name)
+
+    def __call__(self, inputs: tf.Tensor, hnet_input: tf.Tensor | None = None) -> tf.Tensor:
+        """[B, D_in] inputs -> [B, D_out]; `hnet_input` is ignored."""
+        del hnet_input  # Fixed at folding time.
+        return tf.nn.bias_add(tf.matmul(inputs, self.kernel), self.bias)
+
+
+class FoldedConv2D(_FoldedLayer):
+    """The ordinary convolution (NHWC) that an `StnConv2D` equals at a fixed hypernet input.
+
+    Same kernel and bias formulas as `FoldedDense`, with one gate per output channel; called as
+    `(inputs, hnet_input)` with the hypernet input ignored.
+    """
+
+    def __init__(self, kernel: tf.Tensor, bias: tf.Tensor, stride: int = 1,
+                 padding: str = "SAME", name: str | None = None):
+        """Constructs a `FoldedConv2D` from a [k, k, C_in, C_out] kernel and a [C_out] bias."""
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(f"FoldedConv2D: padding must be 'SAME' or 'VALID', received "
+                             f"{padding!r}.")
+        super().__init__(kernel, bias, name)
+        self.stride = stride
+        self.padding = padding
+
+    @classmethod
+    def from_stn(cls, layer: StnConv2D, hnet_input: tf.Tensor) -> "FoldedConv2D":
+        """Folds `layer` at the single [H] hypernet input `hnet_input`."""
+        kernel, bias = layer.folded(hnet_input)
+        return cls(kernel, bias, layer.stride, layer.padding, name=layer.name)
+
+    def __call__(self, inputs: tf.Tensor, hnet_input: tf.Tensor | None = None) -> tf.Tensor:
+        """[B, H, W, C_in] inputs -> [B, H', W', C_out]; `hnet_input` is ignored."""
+        del hnet_input  # Fixed at folding time.
+        return tf.nn.bias_add(tf.nn.conv2d(inputs, self.kernel, self.stride, self.padding),
+                              self.bias)
+
+
+def fold_layer(layer: StnDense | StnConv2D, hnet_input: tf.Tensor) -> FoldedDense | FoldedConv2D:
+    """The ordinary layer equal to the STN layer `layer` at the single [H] input `hnet_input`."""
+    if isinstance(layer, StnConv2D):
+        return FoldedConv2D.from_stn(layer, hnet_input)
+    if isinstance(layer, StnDense):
+        return FoldedDense.from_stn(layer, hnet_input)
+    raise TypeError(f"fold_layer: expected a StnDense or StnConv2D, received "
+                    f"{type(layer).__name__}.")
+
+
+__all__ += ["FoldedConv2D", "FoldedDense", "fold_layer"]

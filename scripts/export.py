@@ -1,0 +1,53 @@
+"""stn-export: write a SavedModel of a finished run from its best checkpoint.
+
+  stn-export --logdir=runs/cnn                       # adds runs/cnn/export/<n+1>/
+  stn-export --logdir=runs/cnn --export_dir=/srv/models/cnn
+
+`stn-train` already exports at the end of every run; this rebuilds the model from the run's
+config.json and results.json (no data is loaded), restores `<logdir>/checkpoints/best` and writes
+the next version under `--export_dir` (default `<logdir>/export`), never overwriting one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+
+from absl import app, flags  # noqa: E402
+
+from stn_pipeline import export  # noqa: E402
+from stn_pipeline.checkpoints import CheckpointError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the flags; called by `run` only (--logdir would clash with stn-train's)."""
+    flags.DEFINE_string("logdir", None, "Folder of a finished stn-train run.")
+    flags.DEFINE_string("export_dir", None, "Folder of export versions; default <logdir>/export.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"stn-export: error: unexpected arguments {argv[1:]}; flags take the form "
+                 "--name=value.")
+    try:
+        if not FLAGS.logdir:
+            raise export.ExportError("--logdir is required.")
+        if not os.path.isdir(FLAGS.logdir):
+            raise export.ExportError(f"--logdir={FLAGS.logdir} does not exist.")
+        path = export.export_from_logdir(FLAGS.logdir, FLAGS.export_dir)
+    except (export.ExportError, CheckpointError, ValueError) as error:
+        sys.exit(f"stn-export: error: {error}")
+    print(f"exported {path}")
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
