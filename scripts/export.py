@@ -1,7 +1,12 @@
-"""stn-export: write a SavedModel of a finished run from its best checkpoint.
+"""stn-export: write a SavedModel of a run from its checkpoints.
 
   stn-export --logdir=runs/cnn                       # adds runs/cnn/export/<n+1>/
   stn-export --logdir=runs/cnn --export_dir=/srv/models/cnn
+  stn-export --logdir=runs/cnn --what=trainer        # adds runs/cnn/trainer_export/<n+1>/
+
+`--what=model` (default): the inference SavedModel of a finished run's best state.
+`--what=trainer`: the trainer itself (compiled weight/hyper steps, optimizer state), from the
+latest resume checkpoint (`--source=latest`, also for unfinished runs) or the best state.
 
 `stn-train` already exports at the end of every run; this rebuilds the model from the run's
 config.json and results.json (no data is loaded), restores `<logdir>/checkpoints/best` and writes
@@ -17,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 from absl import app, flags  # noqa: E402
 
-from stn_pipeline import export  # noqa: E402
+from stn_pipeline import export, trainer_export  # noqa: E402
 from stn_pipeline.checkpoints import CheckpointError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -26,7 +31,11 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Defines the flags; called by `run` only (--logdir would clash with stn-train's)."""
     flags.DEFINE_string("logdir", None, "Folder of a finished stn-train run.")
-    flags.DEFINE_string("export_dir", None, "Folder of export versions; default <logdir>/export.")
+    flags.DEFINE_string("export_dir", None, "Folder of export versions; default <logdir>/export "
+                        "or <logdir>/trainer_export.")
+    flags.DEFINE_enum("what", "model", ["model", "trainer"], "What to export.")
+    flags.DEFINE_enum("source", "latest", ["latest", "best"],
+                      "--what=trainer: the checkpoint to export from.")
 
 
 def main(argv):
@@ -38,7 +47,10 @@ def main(argv):
             raise export.ExportError("--logdir is required.")
         if not os.path.isdir(FLAGS.logdir):
             raise export.ExportError(f"--logdir={FLAGS.logdir} does not exist.")
-        path = export.export_from_logdir(FLAGS.logdir, FLAGS.export_dir)
+        if FLAGS.what == "trainer":
+            path = trainer_export.export_trainer(FLAGS.logdir, FLAGS.source, FLAGS.export_dir)
+        else:
+            path = export.export_from_logdir(FLAGS.logdir, FLAGS.export_dir)
     except (export.ExportError, CheckpointError, ValueError) as error:
         sys.exit(f"stn-export: error: {error}")
     print(f"exported {path}")

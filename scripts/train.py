@@ -26,6 +26,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", "relu_toy", f"One of {sorted(experiments.EXPERIMENTS)}.")
 flags.DEFINE_string("logdir", None, "Folder for TensorBoard logs, results.json and exports.")
 flags.DEFINE_bool("overwrite", False, "Move an existing run in --logdir aside and start anew.")
+flags.DEFINE_string("init_from", None, "Start from a trainer checkpoint, e.g. one written by a "
+                    "reloaded trainer export: tf.train.Checkpoint(trainer=loaded).write(path).")
 flags.DEFINE_bool("restore_fallback", False,
                   "Resume from the previous checkpoint when the newest one is damaged.")
 
@@ -104,7 +106,7 @@ def main(argv):
         config = config_from_flags()
         flagfile_text = FLAGS.flags_into_string()
         results = run_experiment(config, FLAGS.logdir, FLAGS.overwrite, flagfile_text,
-                                 FLAGS.restore_fallback)
+                                 FLAGS.restore_fallback, FLAGS.init_from)
     except (ValueError, NonFiniteError) as error:  # ConfigError, DataError, CheckpointError...
         sys.exit(f"stn-train: error: {error}")
     summary = {k: round(v, 4) for k, v in results.items() if k.startswith(("val_", "test_"))}

@@ -19,7 +19,8 @@ from absl import logging
 
 from stn_pipeline.hparams import HyperParameters
 
-__all__ = ["BEST_DIR", "CheckpointError", "RunCheckpoints", "restore_best", "save_best"]
+__all__ = ["BEST_DIR", "CheckpointError", "RunCheckpoints", "restore_best",
+           "restore_trainer", "save_best"]
 
 BEST_DIR = os.path.join("checkpoints", "best")
 _PREFIX = "ckpt"
@@ -141,6 +142,15 @@ class RunCheckpoints:
 
     def restore_best(self) -> None:
         restore_best(self.logdir, self.trainer.model, self.trainer.hparams)
+
+
+def restore_trainer(trainer: tf.Module, prefix: str) -> None:
+    """Restores every variable of `trainer` from a checkpoint written as `trainer=...`."""
+    try:
+        tf.train.Checkpoint(trainer=trainer).read(prefix).assert_existing_objects_matched()
+    except Exception as error:  # noqa: BLE001 -- missing, damaged or mismatched files
+        raise CheckpointError(f"cannot initialise the trainer from {prefix}: "
+                              f"{_first_line(error)}") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -32,12 +32,13 @@ MacKay et al., Self-Tuning Networks, ICLR 2019, https://arxiv.org/abs/1903.03088
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -334,6 +335,36 @@ def export_model(export_root: str, model: StnModel, hparams: HyperParameters,
     """
     if metadata is None:
         metadata = export_metadata(model, hparams, input_spec)
+    def write(folder: str) -> None:
+        metadata_path = os.path.join(tempfile.mkdtemp(prefix="meta-", dir=folder), METADATA_FILE)
+        with open(metadata_path, "w") as handle:
+            json.dump(metadata, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        module = ServingModule(model, hparams, input_spec,
+                               class_names=metadata.get("class_names", ()),
+                               metadata_file=metadata_path)
+        quiet_save(module, os.path.join(folder, "model"), module.signatures())
+
+    return save_versioned(export_root, write)
+
+
+def quiet_save(module: tf.Module, path: str, signatures=None) -> None:
+    """`tf.saved_model.save` without TF's per-function INFO lines."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        tf.saved_model.save(module, path, signatures=signatures)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def save_versioned(export_root: str, write: Callable[[str], None]) -> str:
+    """Writes a new version `<export_root>/<n>/` (n = 1 + the highest existing version).
+
+    `write(staging)` must write the SavedModel to `<staging>/model`; it is renamed into place
+    only when complete, so a crash never leaves a half-written version that a server could pick
+    up, and an existing version is never overwritten.
+    """
     if os.path.isfile(os.path.join(export_root, "saved_model.pb")):
         raise ExportError(f"{export_root} holds an unversioned SavedModel; export into its parent "
                           "or into another folder (versions go in numbered subfolders).")
@@ -344,26 +375,13 @@ def export_model(export_root: str, model: StnModel, hparams: HyperParameters,
                           f"{error.strerror}") from None
     staging = tempfile.mkdtemp(prefix=".export-", dir=export_root)
     try:
-        metadata_path = os.path.join(tempfile.mkdtemp(prefix="meta-", dir=staging), METADATA_FILE)
-        with open(metadata_path, "w") as handle:
-            json.dump(metadata, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        module = ServingModule(model, hparams, input_spec,
-                               class_names=metadata.get("class_names", ()),
-                               metadata_file=metadata_path)
-        saved = os.path.join(staging, "model")
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity(logging.WARNING)  # TF's per-function INFO lines say nothing useful
-        try:
-            tf.saved_model.save(module, saved, signatures=module.signatures())
-        finally:
-            logging.set_verbosity(verbosity)
+        write(staging)
         while True:
             version = (_versions(export_root) or [0])[-1] + 1
             target = os.path.join(export_root, str(version))
             try:
-                os.rename(saved, target)  # fails if a concurrent export took this number
-                break
+                os.rename(os.path.join(staging, "model"), target)  # fails if a concurrent
+                break                                              # export took this number
             except OSError:
                 if not os.path.isdir(target):
                     raise
@@ -386,6 +404,33 @@ def export_run(logdir: str, model: StnModel, hparams: HyperParameters,
     return {"checkpoint_path": checkpoint_path, "export_path": export_path}
 
 
+def load_run(logdir: str, need_results: bool = False):
+    """(RunConfig, results) of the run in `logdir`; results may be partial for an unfinished run.
+
+    An unfinished run has no results.json; its metadata.json (written when the run starts) is
+    returned as `{"metadata": ...}` instead.
+    """
+    from stn_pipeline import experiments  # local: experiments pulls in the data pipeline
+    names = ["config.json", "results.json" if need_results or os.path.exists(
+        os.path.join(logdir, "results.json")) else "metadata.json"]
+    loaded = {}
+    for name in names:
+        path = os.path.join(logdir, name)
+        try:
+            with open(path) as handle:
+                loaded[name] = json.load(handle)
+        except OSError as error:
+            raise ExportError(f"cannot read {path}: {error.strerror} (is --logdir an stn-train "
+                              "run?)") from None
+        except json.JSONDecodeError as error:
+            raise ExportError(f"{path} is not valid JSON: {error}") from None
+    fields = {f.name for f in dataclasses.fields(experiments.RunConfig)}
+    config = experiments.RunConfig(**{k: v for k, v in loaded["config.json"].items()
+                                      if k in fields})
+    results = loaded.get("results.json") or {"metadata": loaded["metadata.json"]}
+    return config, results
+
+
 def export_from_logdir(logdir: str, export_root: str | None = None) -> str:
     """Rebuilds a finished run's model from `logdir`, restores its best checkpoint, exports it.
 
@@ -396,23 +441,8 @@ def export_from_logdir(logdir: str, export_root: str | None = None) -> str:
     Returns:
       The version folder written.
     """
+    config, results = load_run(logdir, need_results=True)
     from stn_pipeline import experiments  # local: experiments pulls in the data pipeline
-    import dataclasses
-    paths = {name: os.path.join(logdir, name) for name in ("config.json", "results.json")}
-    loaded = {}
-    for name, path in paths.items():
-        try:
-            with open(path) as handle:
-                loaded[name] = json.load(handle)
-        except OSError as error:
-            raise ExportError(f"cannot read {path}: {error.strerror} (is --logdir a finished "
-                              "stn-train run?)") from None
-        except json.JSONDecodeError as error:
-            raise ExportError(f"{path} is not valid JSON: {error}") from None
-    fields = {f.name for f in dataclasses.fields(experiments.RunConfig)}
-    config = experiments.RunConfig(**{k: v for k, v in loaded["config.json"].items()
-                                      if k in fields})
-    results = loaded["results.json"]
     model, hparams = experiments.build_model(config, results.get("metadata") or {})
     input_spec = checkpoints.restore_best(logdir, model, hparams)
     metadata = export_metadata(model, hparams, input_spec, results)

@@ -11,7 +11,7 @@ import time
 from absl import logging
 
 from stn_pipeline import experiments, export
-from stn_pipeline.checkpoints import RunCheckpoints
+from stn_pipeline.checkpoints import RunCheckpoints, restore_trainer
 from stn_pipeline.summaries import RunLogger, write_json
 from stn_pipeline.trainer import StnTrainer
 from stn_pipeline.training import ON_NAN_MODES, LoopOptions, LoopState, fit
@@ -20,6 +20,7 @@ __all__ = ["ConfigError", "prepare_logdir", "run_experiment", "validate_config"]
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
+METADATA_FILE = "metadata.json"  # what rebuilding the model needs (shapes, classes, normalisation)
 
 
 class ConfigError(ValueError):
@@ -120,12 +121,15 @@ def _as_json(config: experiments.RunConfig) -> dict:
 
 
 def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool = False,
-                   flagfile_text: str | None = None, restore_fallback: bool = False) -> dict:
+                   flagfile_text: str | None = None, restore_fallback: bool = False,
+                   init_from: str | None = None) -> dict:
     """Validates `config`, trains, and writes `results.json` and TensorBoard logs to `logdir`.
 
     Rerunning with the same `logdir` and configuration resumes from the latest checkpoint.
     `flagfile_text`, if given, is saved as `<logdir>/flags.txt` (rerun with `--flagfile`).
     `restore_fallback` resumes from an older checkpoint when the newest is damaged.
+    `init_from` starts a new run from a trainer checkpoint (e.g. written by a reloaded trainer
+    export with `tf.train.Checkpoint(trainer=loaded).write(...)`); the loop counters start at 0.
     """
     validate_config(config)
     resume = prepare_logdir(logdir, config, overwrite)
@@ -134,14 +138,18 @@ def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool =
             handle.write(flagfile_text)
     write_json(os.path.join(logdir, CONFIG_FILE), _as_json(config))
     experiment = experiments.build_experiment(config)
+    write_json(os.path.join(logdir, METADATA_FILE), experiment.metadata)
     trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
                          experiment.target_spec, config.trainer_config())
     loop_state = LoopState()
     checkpoints = RunCheckpoints(logdir, trainer, loop_state, config.keep_checkpoints,
                                  fallback=restore_fallback)
+    restored = checkpoints.restore_latest() if resume else None
     if resume:
-        restored = checkpoints.restore_latest()
         logging.info("resuming from %s", restored or "scratch (no checkpoint was written yet)")
+    if init_from and not restored:
+        restore_trainer(trainer, init_from)
+        logging.info("initialised the trainer from %s", init_from)
     logger = RunLogger(logdir)
     logging.info("experiment %s: %d hyperparameters %s, %d weight steps per epoch",
                  config.experiment, experiment.hparams.size, list(experiment.hparams.names),

@@ -95,6 +95,7 @@ class StnTrainer(tf.Module):
         self.weight_step = tf.function(self._weight_step, input_signature=signature)
         self.hyper_step = tf.function(self._hyper_step, input_signature=signature)
         self.evaluate = tf.function(self._evaluate, input_signature=signature)
+        self.hyperparameters = tf.function(self._hyperparameters, input_signature=[])
 
     def _mean_metrics(self, targets, outputs) -> dict[str, tf.Tensor]:
         return {k: tf.reduce_mean(v) for k, v in self.model.metrics(targets, outputs).items()}
@@ -153,6 +154,11 @@ class StnTrainer(tf.Module):
         sums["count"] = tf.cast(tf.shape(targets)[0], tf.float32)
         return sums
 
+    def _hyperparameters(self):
+        """The current constrained values, perturbation scales and names."""
+        return {"values": self.hparams.constrained(), "scales": self.hparams.scale(),
+                "names": tf.constant(self.hparams.names)}
+
     def evaluate_dataset(self, dataset: tf.data.Dataset) -> dict[str, float]:
         """Mean loss and metrics over a finite dataset of batches (eager loop over batches)."""
         totals: dict[str, float] = {}
@@ -163,6 +169,10 @@ class StnTrainer(tf.Module):
         if not count:
             raise ValueError("evaluate_dataset: the dataset is empty.")
         return {key: value / count for key, value in totals.items()}
+
+    def trainer_variables(self) -> list[tf.Variable]:
+        """Every variable that determines the trainer's future, generator states included."""
+        return list(self.variables) + [self.hparams.generator.state, self.step_generator.state]
 
     def state_variables(self) -> list[tf.Variable]:
         """Every variable whose value determines the model's predictions (for best-state copies)."""
