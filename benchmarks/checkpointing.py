@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import machine_line, replace_section  # noqa: E402
+from report import machine_line, replace_section  # noqa: E402
 
 from stn_pipeline.checkpoints import RunCheckpoints  # noqa: E402
 from stn_pipeline.hparams import HyperParameters  # noqa: E402

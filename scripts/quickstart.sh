@@ -19,4 +19,6 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 if [ "$job" = test ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-exec .venv/bin/stn-train --experiment=relu_toy --logdir=runs/relu_toy "$@"
+# The main job: cifar_cnn self-tuning on CIFAR-10 from TFDS (downloaded on first use). Offline,
+# it stops within seconds and names the alternative: --dataset=folder:<unpacked image folder>.
+exec .venv/bin/stn-train --experiment=cifar_cnn --dataset=cifar10 --logdir=runs/cifar_cnn "$@"
