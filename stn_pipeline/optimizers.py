@@ -55,9 +55,12 @@ class Momentum(_Optimizer):
         self.velocity = self._slots("velocity")
 
     def _update(self, index, gradient, variable):
-        velocity = self.velocity[index]
-        velocity.assign(self.momentum * velocity + gradient)
-        variable.assign_sub(self.learning_rate * velocity)
+        # TensorFlow's fused kernel does exactly v = m v + g; w -= lr v, in about half the time
+        # of the same arithmetic in separate ops (benchmarks/throughput.py).
+        tf.raw_ops.ResourceApplyMomentum(
+            var=variable.handle, accum=self.velocity[index].handle,
+            lr=tf.cast(self.learning_rate, variable.dtype), grad=gradient,
+            momentum=tf.constant(self.momentum, variable.dtype))
 
 
 class Adam(_Optimizer):

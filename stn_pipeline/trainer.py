@@ -21,7 +21,8 @@ __all__ = ["StnTrainer", "TrainerConfig"]
 
 
 def _all_finite(tensors) -> tf.Tensor:
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None])
+    # One pass per tensor: a NaN or inf anywhere makes its sum non-finite.
+    return tf.reduce_all([tf.math.is_finite(tf.reduce_sum(t)) for t in tensors if t is not None])
 
 
 @dataclasses.dataclass(frozen=True)
