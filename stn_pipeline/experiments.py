@@ -22,8 +22,8 @@ from stn_pipeline.schedule import ScheduleConfig
 from stn_pipeline.trainer import TrainerConfig
 from stn_pipeline.training import RunData
 
-__all__ = ["EXPERIMENTS", "MODEL_BUILDERS", "Experiment", "RunConfig", "build_experiment",
-           "build_model", "default_config"]
+__all__ = ["EXPERIMENTS", "Experiment", "RunConfig", "build_experiment", "build_model",
+           "default_config", "hparam_specs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,14 +178,14 @@ def _build_image_classifier(config: RunConfig, model_class, specs) -> Experiment
                       tf.TensorSpec([None], tf.int64), metadata)
 
 
-def build_cifar_cnn(config: RunConfig) -> Experiment:
-    """The earlier TF port's CNN: 3 conv dropouts + pixel drop."""
-    return _build_image_classifier(config, CifarCnn, hparam_specs(config))
+# cifar_cnn: the earlier TF port's CNN (3 conv dropouts + pixel drop); cifar_alexnet: the STN
+# paper's AlexNet with its 15 hyperparameters.
+_IMAGE_MODELS = {"cifar_cnn": CifarCnn, "cifar_alexnet": CifarAlexNet}
 
 
-def build_cifar_alexnet(config: RunConfig) -> Experiment:
-    """The STN paper's AlexNet with its 15 hyperparameters."""
-    return _build_image_classifier(config, CifarAlexNet, hparam_specs(config))
+def build_image_experiment(config: RunConfig) -> Experiment:
+    """An image-classification experiment of `_IMAGE_MODELS`."""
+    return _build_image_classifier(config, _IMAGE_MODELS[config.experiment], hparam_specs(config))
 
 
 # The paper's CIFAR schedule (section 4.1 of the reference): SGD 0.01, Adam 3e-3, tau 1e-3,
@@ -198,8 +198,8 @@ EXPERIMENTS: dict[str, tuple[Callable[[RunConfig], Experiment], dict]] = {
     "relu_toy": (build_relu_toy, dict(batch_size=128, epochs=30, warmup_epochs=2,
                                       weight_optimizer="adam", weight_lr=3e-3, hyper_lr=0.03,
                                       scale_lr=0.03, nonmono=0, patience=0, log_every=20)),
-    "cifar_cnn": (build_cifar_cnn, _CIFAR),
-    "cifar_alexnet": (build_cifar_alexnet, _CIFAR),
+    "cifar_cnn": (build_image_experiment, _CIFAR),
+    "cifar_alexnet": (build_image_experiment, _CIFAR),
 }
 
 
@@ -216,16 +216,6 @@ def build_experiment(config: RunConfig) -> Experiment:
     return EXPERIMENTS[config.experiment][0](config)
 
 
-# name -> (config, Experiment.metadata) -> (model, hparams): rebuilds a model without its data.
-MODEL_BUILDERS: dict[str, Callable[[RunConfig, dict], tuple[StnModel, HyperParameters]]] = {
-    "relu_toy": lambda config, metadata: _relu_toy_model(config),
-    "cifar_cnn": lambda config, metadata: _image_model(config, metadata, CifarCnn,
-                                                       cifar_cnn_hparams()),
-    "cifar_alexnet": lambda config, metadata: _image_model(config, metadata, CifarAlexNet,
-                                                           alexnet_hparams()),
-}
-
-
 def build_model(config: RunConfig, metadata: dict) -> tuple[StnModel, HyperParameters]:
     """The untrained model and hyperparameters of a run, from its config and metadata only.
 
@@ -233,7 +223,6 @@ def build_model(config: RunConfig, metadata: dict) -> tuple[StnModel, HyperParam
     need image_shape, class_names, mean and std; relu_toy needs nothing.
     """
     default_config(config.experiment)  # validates the name
-    if config.experiment not in MODEL_BUILDERS:
-        raise ValueError(f"Experiment {config.experiment!r} has no model builder in "
-                         "experiments.MODEL_BUILDERS.")
-    return MODEL_BUILDERS[config.experiment](config, metadata)
+    if config.experiment == "relu_toy":
+        return _relu_toy_model(config)
+    return _image_model(config, metadata, _IMAGE_MODELS[config.experiment], hparam_specs(config))

@@ -392,12 +392,13 @@ def save_versioned(export_root: str, write: Callable[[str], None]) -> str:
 
 def export_run(logdir: str, model: StnModel, hparams: HyperParameters,
                input_spec: tf.TensorSpec, results: Mapping[str, Any]) -> dict[str, str]:
-    """End of a run: saves the best checkpoint and exports it to `<logdir>/export/<n>/`.
+    """End of a run: exports the best state (the model's current state) to `<logdir>/export/<n>/`.
 
     Returns:
       {"checkpoint_path": ..., "export_path": ...} to record in results.json.
     """
-    checkpoint_path = checkpoints.save_best(logdir, model, hparams, input_spec)
+    # The training loop saved this best state already (checkpoints.RunCheckpoints.save_best).
+    checkpoint_path = os.path.join(logdir, checkpoints.BEST_DIR, "ckpt")
     metadata = export_metadata(model, hparams, input_spec, results)
     export_path = export_model(os.path.join(logdir, EXPORT_DIR), model, hparams, input_spec,
                                metadata)

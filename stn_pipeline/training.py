@@ -191,8 +191,9 @@ def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, log
                 logging.info("step %d/%d epoch %d %s | %s | %.0f img/s, ETA %.0fs", step,
                              total_steps, epoch + 1, _format(_scalars(weight_out)),
                              _format(hparams.as_dict()), rate, eta)
-            if (checkpoints is not None and options.checkpoint_every
-                    and step % options.checkpoint_every == 0 and step % schedule_config.train_steps == 0):
+            at_cycle_end = step % schedule_config.train_steps == 0  # hyper steps done too
+            if (checkpoints is not None and options.checkpoint_every and at_cycle_end
+                    and step % options.checkpoint_every == 0):
                 save_record()
                 checkpoints.save(step)
         state.train_seconds.assign_add(time.time() - epoch_start)
