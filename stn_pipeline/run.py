@@ -10,7 +10,7 @@ import time
 
 from absl import logging
 
-from stn_pipeline import experiments, export
+from stn_pipeline import distribute, experiments, export
 from stn_pipeline.checkpoints import RunCheckpoints
 from stn_pipeline.summaries import RunLogger, write_json
 from stn_pipeline.trainer import StnTrainer
@@ -120,25 +120,50 @@ def _as_json(config: experiments.RunConfig) -> dict:
 
 
 def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool = False,
-                   flagfile_text: str | None = None, restore_fallback: bool = False) -> dict:
+                   flagfile_text: str | None = None, restore_fallback: bool = False,
+                   strategy=None) -> dict:
     """Validates `config`, trains, and writes `results.json` and TensorBoard logs to `logdir`.
 
     Rerunning with the same `logdir` and configuration resumes from the latest checkpoint.
     `flagfile_text`, if given, is saved as `<logdir>/flags.txt` (rerun with `--flagfile`).
     `restore_fallback` resumes from an older checkpoint when the newest is damaged.
+    `strategy` (from `distribute.make_strategy`) trains under `tf.distribute`, `batch_size` being
+    the global batch; only its chief writes `logdir` (others write to a removed temp folder).
     """
     validate_config(config)
-    resume = prepare_logdir(logdir, config, overwrite)
-    if flagfile_text is not None:
-        with open(os.path.join(logdir, "flags.txt"), "w") as handle:
-            handle.write(flagfile_text)
-    write_json(os.path.join(logdir, CONFIG_FILE), _as_json(config))
-    experiment = experiments.build_experiment(config)
-    trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
-                         experiment.target_spec, config.trainer_config())
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if config.batch_size % replicas:
+        raise ConfigError(f"--batch_size={config.batch_size} (the global batch) must be a "
+                          f"multiple of the {replicas} replicas.")
+    with distribute.worker_logdir(logdir, strategy) as write_dir:
+        return _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback,
+                    strategy)
+
+
+def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, strategy):
+    if write_dir == logdir:  # the chief, or the only worker
+        resume = prepare_logdir(logdir, config, overwrite)
+        if flagfile_text is not None:
+            with open(os.path.join(logdir, "flags.txt"), "w") as handle:
+                handle.write(flagfile_text)
+        write_json(os.path.join(logdir, CONFIG_FILE), _as_json(config))
+    else:
+        # The chief checks the logdir; this worker resumes from its checkpoints if any (the
+        # chief saves none before this worker has joined the first collective step).
+        os.makedirs(write_dir)
+        resume = not overwrite
+    resume_dir, logdir = logdir, write_dir
+    with distribute.scope(strategy):
+        # Every variable (model, hyperparameters, generators, optimizer slots) is created in
+        # the strategy scope, so each is mirrored over the replicas.
+        experiment = experiments.build_experiment(config)
+        trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
+                             experiment.target_spec, config.trainer_config(), strategy=strategy)
+    # Outside the scope: the loop's counters are only touched eagerly, and its string record
+    # cannot be broadcast between workers (string collectives do not exist).
     loop_state = LoopState()
     checkpoints = RunCheckpoints(logdir, trainer, loop_state, config.keep_checkpoints,
-                                 fallback=restore_fallback)
+                                 fallback=restore_fallback, restore_from=resume_dir)
     if resume:
         restored = checkpoints.restore_latest()
         logging.info("resuming from %s", restored or "scratch (no checkpoint was written yet)")
