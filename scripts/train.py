@@ -95,6 +95,17 @@ def config_from_flags() -> experiments.RunConfig:
     return config
 
 
+def _reason(error: Exception) -> str:
+    """The telling line of a TensorFlow op error (not its headline, stack or node names)."""
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines()
+             if line.strip() and not line[:1].isspace()
+             and not line.startswith(("Graph execution error", "Detected at node", "[["))]
+    if not lines:
+        return type(error).__name__
+    # E.g. "Collective ops is aborted by: ... tasks are unhealthy ...:" + "/job:worker/...task:1".
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"stn-train: error: unexpected arguments {argv[1:]}; flags take the form "
@@ -125,10 +136,11 @@ def main(argv):
     except distribute.PeerFailure as error:
         if strategy is None:
             raise
-        first = (error.message or type(error).__name__).strip().splitlines()[0]
+        logging.error("collective failure: %s", error.message)
         sys.stderr.write(f"stn-train: error: the {FLAGS.strategy} job lost a worker or timed "
-                         f"out waiting for one ({type(error).__name__}: {first}); restart all "
-                         f"workers with the same flags to resume from the last checkpoint.\n")
+                         f"out waiting for one ({type(error).__name__}: {_reason(error)}); "
+                         "restart all workers with the same flags to resume from the last "
+                         "checkpoint.\n")
         sys.stderr.flush()
         # Collective threads of a broken job may block a normal interpreter exit.
         os._exit(1)

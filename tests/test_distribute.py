@@ -169,7 +169,10 @@ def test_multi_worker_cifar_slice(cifar_folder, tmp_path):
     assert "stn-worker-1-" in outputs[1][1]  # its logging names the temporary logdir
 
 
-def test_killed_worker_fails_the_job_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_lost_worker_fails_the_job_with_a_clear_message(signum, tmp_path):
+    """A killed worker, or a frozen one (alive, connected, silent), fails the job: the peer
+    health checks and the collective timeout (--worker_timeout) end the wait."""
     logdir = tmp_path / "run"
     flags = ["--experiment=relu_toy", "--epochs=1000", "--log_every=8", "--worker_timeout=20"]
     processes = _start_workers(logdir, tmp_path, flags)
@@ -179,7 +182,7 @@ def test_killed_worker_fails_the_job_with_a_clear_message(tmp_path):
             assert time.time() < deadline and processes[0].poll() is None, "no start"
             time.sleep(0.2)
         time.sleep(3)
-        processes[1].send_signal(signal.SIGKILL)
+        processes[1].send_signal(signum)
         start = time.time()
         _, stderr = processes[0].communicate(timeout=240)
         elapsed = time.time() - start
@@ -188,6 +191,7 @@ def test_killed_worker_fails_the_job_with_a_clear_message(tmp_path):
     assert processes[0].returncode != 0
     assert "stn-train: error: the multi_worker job lost a worker" in stderr, stderr[-3000:]
     assert elapsed < 240
+    print(f"chief exited {elapsed:.0f}s after signal {signum}: {stderr.strip().splitlines()[-1]}")
 
 
 def test_strategy_names_are_checked():
