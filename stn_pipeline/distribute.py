@@ -23,7 +23,7 @@ import tempfile
 import tensorflow as tf
 
 __all__ = ["STRATEGIES", "PeerFailure", "configure_cpu_devices", "input_fn", "is_chief",
-           "is_distributed", "make_strategy", "scope", "worker_logdir"]
+           "make_strategy", "scope", "worker_logdir"]
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
@@ -71,10 +71,6 @@ def make_strategy(name: str, timeout_seconds: float = 0) -> tf.distribute.Strate
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"--strategy must be one of {STRATEGIES}, received {name!r}.")
-
-
-def is_distributed(strategy) -> bool:
-    return strategy is not None
 
 
 def scope(strategy):
