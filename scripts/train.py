@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from stn_pipeline import experiments  # noqa: E402
+from stn_pipeline import distribute, experiments  # noqa: E402
 from stn_pipeline.run import ConfigError, run_experiment  # noqa: E402
 from stn_pipeline.training import NonFiniteError  # noqa: E402
 
@@ -72,6 +72,14 @@ for _field in dataclasses.fields(experiments.RunConfig):
 flags.DEFINE_integer("max_cycles", None, "Cap on cycles; sets --max_steps = --max_cycles * --train_steps.")
 flags.DEFINE_integer("threads", 0, "CPU threads for TensorFlow ops (0: TensorFlow's default).")
 flags.DEFINE_bool("deterministic", False, "Deterministic TensorFlow kernels (bitwise resumes).")
+flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES),
+                  "tf.distribute strategy: 'default' (one device), 'mirrored' (local GPUs, or "
+                  "the logical CPU devices of --cpu_devices), 'multi_worker' (one process per "
+                  "machine, cluster from TF_CONFIG), 'tpu' (TPUStrategy). --batch_size is global.")
+flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (for "
+                     "--strategy=mirrored without GPUs); 0: leave it whole.")
+flags.DEFINE_integer("worker_timeout", 600, "multi_worker: seconds a collective waits for a "
+                     "peer before the job fails (a dead worker ends the job instead of hanging).")
 
 
 def config_from_flags() -> experiments.RunConfig:
@@ -89,26 +97,55 @@ def config_from_flags() -> experiments.RunConfig:
     return config
 
 
+def _reason(error: Exception) -> str:
+    """The telling line of a TensorFlow op error (not its headline, stack or node names)."""
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines()
+             if line.strip() and not line[:1].isspace()
+             and not line.startswith(("Graph execution error", "Detected at node", "[["))]
+    if not lines:
+        return type(error).__name__
+    # E.g. "Collective ops is aborted by: ... tasks are unhealthy ...:" + "/job:worker/...task:1".
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"stn-train: error: unexpected arguments {argv[1:]}; flags take the form "
                  "--name=value.")
     logging.set_verbosity(logging.INFO)
     tf.get_logger().setLevel("WARNING")  # TensorFlow's own INFO lines (checkpoint sharding...)
+    if FLAGS.cpu_devices < 0:
+        sys.exit(f"stn-train: error: --cpu_devices must be >= 0, received {FLAGS.cpu_devices}.")
+    if FLAGS.cpu_devices:  # before anything initialises TensorFlow's devices
+        distribute.configure_cpu_devices(FLAGS.cpu_devices)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    strategy = None
     try:
         if not FLAGS.logdir:
             raise ConfigError("--logdir is required.")
         config = config_from_flags()
         flagfile_text = FLAGS.flags_into_string()
+        # Created first: MultiWorkerMirroredStrategy must exist before other TensorFlow work.
+        strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.worker_timeout)
         results = run_experiment(config, FLAGS.logdir, FLAGS.overwrite, flagfile_text,
-                                 FLAGS.restore_fallback, FLAGS.init_from)
+                                 FLAGS.restore_fallback, FLAGS.init_from, strategy)
     except (ValueError, NonFiniteError) as error:  # ConfigError, DataError, CheckpointError...
         sys.exit(f"stn-train: error: {error}")
+    except distribute.PeerFailure as error:
+        if strategy is None:
+            raise
+        logging.error("collective failure: %s", error.message)
+        sys.stderr.write(f"stn-train: error: the {FLAGS.strategy} job lost a worker or timed "
+                         f"out waiting for one ({type(error).__name__}: {_reason(error)}); "
+                         "restart all workers with the same flags to resume from the last "
+                         "checkpoint.\n")
+        sys.stderr.flush()
+        # Collective threads of a broken job may block a normal interpreter exit.
+        os._exit(1)
     summary = {k: round(v, 4) for k, v in results.items() if k.startswith(("val_", "test_"))}
     print(f"done: {summary} final hyperparameters {results['final_hparams']}")
 

@@ -89,13 +89,19 @@ class RunCheckpoints:
     """
 
     def __init__(self, logdir: str, trainer: tf.Module, loop_state: tf.Module, keep: int = 3,
-                 fallback: bool = False):
+                 fallback: bool = False, restore_from: str | None = None):
+        """`restore_from`: the logdir to resume from when it is not `logdir` (a multi-worker
+        job's non-chief workers write to a temporary folder but resume from the chief's)."""
         self.logdir = logdir
         self.trainer = trainer
         self.fallback = fallback
         self.folder = os.path.join(logdir, "checkpoints")
         self.checkpoint = tf.train.Checkpoint(trainer=trainer, loop=loop_state)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.folder, max_to_keep=keep)
+        self.source = self.manager
+        if restore_from is not None and restore_from != logdir:
+            self.source = tf.train.CheckpointManager(
+                self.checkpoint, os.path.join(restore_from, "checkpoints"), max_to_keep=keep)
 
     def restore_latest(self) -> str | None:
         """Restores the newest readable checkpoint; returns its path, or None if there is none.
@@ -104,7 +110,7 @@ class RunCheckpoints:
           CheckpointError: when the newest is unreadable and `fallback` is off, naming the file;
             with `fallback`, older checkpoints are tried (with a warning) before giving up.
         """
-        candidates = list(reversed(self.manager.checkpoints))
+        candidates = list(reversed(self.source.checkpoints))
         for index, path in enumerate(candidates):
             try:
                 self.checkpoint.read(path).assert_existing_objects_matched()
@@ -119,7 +125,7 @@ class RunCheckpoints:
                                 reason, candidates[index + 1] if index + 1 < len(candidates)
                                 else "nothing")
         if candidates:
-            raise CheckpointError(f"no readable checkpoint in {self.folder}: all "
+            raise CheckpointError(f"no readable checkpoint in {self.source.directory}: all "
                                   f"{len(candidates)} are damaged")
         return None
 

@@ -105,6 +105,11 @@ class HParamSample:
         return self.values[:, index]
 
 
+def _replicated() -> bool:
+    """True inside `strategy.run` of a (non-default) `tf.distribute` strategy."""
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+
+
 class HyperParameters(tf.Module):
     """Tuned hyperparameters: unconstrained values, perturbation scales and their sampler.
 
@@ -186,9 +191,22 @@ class HyperParameters(tf.Module):
         if perturb:
             noise = self.generator.normal([batch_size, self.size], dtype=tf.float32)
             # Shared hyperparameters reuse row 0's draw for the whole batch.
-            noise = tf.where(self._shared, noise[:1], noise)
+            noise = tf.where(self._shared, self._shared_noise() if _replicated() else noise[:1],
+                             noise)
             unconstrained = unconstrained + self.scale() * noise
         return HParamSample(self.names, self.to_constrained(unconstrained), unconstrained)
+
+    def _shared_noise(self) -> tf.Tensor:
+        """[1, H] noise that is the same on every replica of a `tf.distribute` strategy.
+
+        A generator made in a strategy scope gives each replica its own stream (its key is
+        hashed with the replica id), but its state -- the counter and the seed's key -- advances
+        identically everywhere. So the state, read and advanced by `skip`, seeds a stateless
+        draw that every replica repeats: a shared hyperparameter gets one draw per global batch.
+        """
+        state = self.generator.skip(self.size)
+        return tf.random.stateless_normal([1, self.size], seed=tf.stack([state[0], state[-1]]),
+                                          dtype=tf.float32)
 
     def entropy(self) -> tf.Tensor:
         """Entropy of the Gaussian perturbation: sum_j log(sigma_j * sqrt(2 pi e))."""

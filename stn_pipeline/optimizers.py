@@ -44,6 +44,31 @@ class _Optimizer(tf.Module):
                 # Each subclass defines `_update(index, gradient, variable)`, its update rule.
                 self._update(index, tf.convert_to_tensor(gradient), variable)
 
+    def apply_replicated(self, gradients: Sequence[tf.Tensor], condition: tf.Tensor) -> None:
+        """`apply` from the replica context of a `tf.distribute` strategy, if `condition`.
+
+        `gradients` and `condition` must be identical on every replica (all-reduced). A replica
+        may not assign a mirrored variable itself, so one `merge_call` hands the update to
+        `strategy.extended.update`, which runs it on each device against that device's copies
+        of the variables and slots: identical inputs give identical copies, with no further
+        communication. The condition is applied there, since a synchronisation point inside
+        control flow (`if` around `merge_call`) is not supported.
+        """
+        gradients = [tf.convert_to_tensor(g) for g in gradients]
+
+        def local_update(_, condition, *local_gradients):
+            def update():
+                self.apply(local_gradients)
+                return tf.constant(True)
+
+            return tf.cond(condition, update, lambda: tf.constant(False))
+
+        def merged(strategy, condition, *gradients):
+            return strategy.extended.update(self._targets[0], local_update,
+                                            args=(condition, *gradients), group=True)
+
+        tf.distribute.get_replica_context().merge_call(merged, args=(condition, *gradients))
+
 
 class Momentum(_Optimizer):
     """SGD with heavy-ball momentum: v = m v + g; w -= lr v (PyTorch's convention, as ORIG)."""

@@ -10,7 +10,7 @@ import time
 
 from absl import logging
 
-from stn_pipeline import experiments, export
+from stn_pipeline import distribute, experiments, export
 from stn_pipeline.checkpoints import RunCheckpoints, restore_trainer
 from stn_pipeline.summaries import RunLogger, write_json
 from stn_pipeline.trainer import StnTrainer
@@ -122,7 +122,7 @@ def _as_json(config: experiments.RunConfig) -> dict:
 
 def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool = False,
                    flagfile_text: str | None = None, restore_fallback: bool = False,
-                   init_from: str | None = None) -> dict:
+                   init_from: str | None = None, strategy=None) -> dict:
     """Validates `config`, trains, and writes `results.json` and TensorBoard logs to `logdir`.
 
     Rerunning with the same `logdir` and configuration resumes from the latest checkpoint.
@@ -130,20 +130,46 @@ def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool =
     `restore_fallback` resumes from an older checkpoint when the newest is damaged.
     `init_from` starts a new run from a trainer checkpoint (e.g. written by a reloaded trainer
     export with `tf.train.Checkpoint(trainer=loaded).write(...)`); the loop counters start at 0.
+    `strategy` (from `distribute.make_strategy`) trains under `tf.distribute`, `batch_size` being
+    the global batch; only its chief writes `logdir` (others write to a removed temp folder).
     """
     validate_config(config)
-    resume = prepare_logdir(logdir, config, overwrite)
-    if flagfile_text is not None:
-        with open(os.path.join(logdir, "flags.txt"), "w") as handle:
-            handle.write(flagfile_text)
-    write_json(os.path.join(logdir, CONFIG_FILE), _as_json(config))
-    experiment = experiments.build_experiment(config)
-    write_json(os.path.join(logdir, METADATA_FILE), experiment.metadata)
-    trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
-                         experiment.target_spec, config.trainer_config())
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if config.batch_size % replicas:
+        raise ConfigError(f"--batch_size={config.batch_size} (the global batch) must be a "
+                          f"multiple of the {replicas} replicas.")
+    with distribute.worker_logdir(logdir, strategy) as write_dir:
+        return _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback,
+                    init_from, strategy)
+
+
+def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, init_from,
+         strategy):
+    if write_dir == logdir:  # the chief, or the only worker
+        resume = prepare_logdir(logdir, config, overwrite)
+        if flagfile_text is not None:
+            with open(os.path.join(logdir, "flags.txt"), "w") as handle:
+                handle.write(flagfile_text)
+        write_json(os.path.join(logdir, CONFIG_FILE), _as_json(config))
+    else:
+        # The chief checks the logdir; this worker resumes from its checkpoints if any (the
+        # chief saves none before this worker has joined the first collective step).
+        os.makedirs(write_dir)
+        resume = not overwrite
+    resume_dir, logdir = logdir, write_dir
+    with distribute.scope(strategy):
+        # Every variable (model, hyperparameters, generators, optimizer slots) is created in
+        # the strategy scope, so each is mirrored over the replicas.
+        experiment = experiments.build_experiment(config)
+        if write_dir == resume_dir:
+            write_json(os.path.join(resume_dir, METADATA_FILE), experiment.metadata)
+        trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
+                             experiment.target_spec, config.trainer_config(), strategy=strategy)
+    # Outside the scope: the loop's counters are only touched eagerly, and its string record
+    # cannot be broadcast between workers (string collectives do not exist).
     loop_state = LoopState()
     checkpoints = RunCheckpoints(logdir, trainer, loop_state, config.keep_checkpoints,
-                                 fallback=restore_fallback)
+                                 fallback=restore_fallback, restore_from=resume_dir)
     restored = checkpoints.restore_latest() if resume else None
     if resume:
         logging.info("resuming from %s", restored or "scratch (no checkpoint was written yet)")

@@ -13,7 +13,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from stn_pipeline import optimizers
+from stn_pipeline import distribute, optimizers
 from stn_pipeline.hparams import HyperParameters
 from stn_pipeline.models.base import StnModel
 
@@ -60,7 +60,7 @@ class StnTrainer(tf.Module):
 
     def __init__(self, model: StnModel, hparams: HyperParameters, input_spec: tf.TensorSpec,
                  target_spec: tf.TensorSpec, config: TrainerConfig = TrainerConfig(),
-                 name: str | None = None):
+                 name: str | None = None, strategy: tf.distribute.Strategy | None = None):
         """Constructs a `StnTrainer`.
 
         Args:
@@ -70,6 +70,9 @@ class StnTrainer(tf.Module):
           target_spec: spec of one batch of targets, batch dimension None.
           config: optimisation settings.
           name: module name.
+          strategy: a `tf.distribute` strategy, or None (one device). With a strategy, the model
+            and hyperparameters must have been built, and this trainer constructed, in its
+            `scope()`; steps then take the per-replica batches of `distribute(dataset)`.
         """
         super().__init__(name=name)
         self.model = model
@@ -92,11 +95,37 @@ class StnTrainer(tf.Module):
         self.tau = tf.Variable(float(config.tau), trainable=False, name="tau")
         # Added to the weight loss; 0 except when a test sets it to NaN to exercise the guards.
         self.loss_offset = tf.Variable(0.0, trainable=False, name="loss_offset")
-        signature = [input_spec, target_spec]
-        self.weight_step = tf.function(self._weight_step, input_signature=signature)
-        self.hyper_step = tf.function(self._hyper_step, input_signature=signature)
-        self.evaluate = tf.function(self._evaluate, input_signature=signature)
+        self.strategy = strategy
+        if strategy is None:
+            signature = [input_spec, target_spec]
+            self.weight_step = tf.function(self._weight_step, input_signature=signature)
+            self.hyper_step = tf.function(self._hyper_step, input_signature=signature)
+            self.evaluate = tf.function(self._evaluate, input_signature=signature)
+        else:
+            self.weight_step = self._replicated(self._replica_weight_step)
+            self.hyper_step = self._replicated(self._replica_hyper_step)
+            self.evaluate = self._replicated(self._replica_evaluate)
         self.hyperparameters = tf.function(self._hyperparameters, input_signature=[])
+
+    def distribute(self, dataset: tf.data.Dataset):
+        """`dataset` (of global batches) as the steps take it: per-replica under a strategy."""
+        if self.strategy is None:
+            return dataset
+        return self.strategy.distribute_datasets_from_function(distribute.input_fn(dataset))
+
+    def _replicated(self, replica_fn):
+        """A compiled step running `replica_fn` on every replica through `strategy.run`.
+
+        Replica functions all-reduce what they return, so every replica holds the same values
+        and the first local one is the result.
+        """
+        def step(inputs, targets):
+            outputs = self.strategy.run(replica_fn, args=(inputs, targets))
+            return tf.nest.map_structure(
+                lambda value: self.strategy.experimental_local_results(value)[0], outputs)
+
+        # Per-replica pieces carry concrete shapes; relax them instead of retracing per shape.
+        return tf.function(step, reduce_retracing=True)
 
     def _mean_metrics(self, targets, outputs) -> dict[str, tf.Tensor]:
         return {k: tf.reduce_mean(v) for k, v in self.model.metrics(targets, outputs).items()}
@@ -160,10 +189,73 @@ class StnTrainer(tf.Module):
         return {"values": self.hparams.constrained(), "scales": self.hparams.scale(),
                 "names": tf.constant(self.hparams.names)}
 
+    # Replica step bodies (`tf.distribute`). The loss of each replica is its share of the global
+    # batch mean -- per-example losses summed and divided by the global batch size -- so the
+    # all-reduced SUM of the replicas' gradients is the gradient of the global mean loss, which
+    # every replica then applies identically (`apply_replicated`).
+
+    def _global_sum(self, value):
+        if not tf.nest.flatten(value):  # e.g. a model without metrics; all_reduce needs a value
+            return value
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+    def _summed_metrics(self, targets, outputs, global_size) -> dict[str, tf.Tensor]:
+        sums = {k: tf.reduce_sum(v) for k, v in self.model.metrics(targets, outputs).items()}
+        return {k: v / global_size for k, v in self._global_sum(sums).items()}
+
+    def _replica_weight_step(self, inputs, targets):
+        context = tf.distribute.get_replica_context()
+        replicas = float(context.num_replicas_in_sync)
+        local_size = tf.shape(targets)[0]
+        global_size = self._global_sum(tf.cast(local_size, tf.float32))
+        # Per-example noise, augmentation and masks come from per-replica streams (generators
+        # made in the strategy scope); shared hyperparameters get one draw per global batch.
+        sample = self.hparams.sample(local_size, perturb=self.config.tune)
+        seeds = self.step_generator.make_seeds(2)
+        inputs, targets = self.model.augment(inputs, targets, sample, seeds[:, 0])
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.weights)
+            outputs = self.model(inputs, sample, training=True, seed=seeds[:, 1])
+            loss = (tf.reduce_sum(self.model.loss(targets, outputs)) / global_size
+                    + self.loss_offset / replicas)
+        gradients = tape.gradient(loss, self.weights)
+        loss, gradients = self._global_sum((loss, gradients))
+        finite = _all_finite([loss] + gradients)
+        self.weight_optimizer.apply_replicated(gradients, finite)
+        return {"loss": loss, **self._summed_metrics(targets, outputs, global_size),
+                "finite": finite, "hparam_values": context.all_gather(sample.values, axis=0)}
+
+    def _replica_hyper_step(self, inputs, targets):
+        hparams = self.hparams
+        replicas = float(tf.distribute.get_replica_context().num_replicas_in_sync)
+        local_size = tf.shape(targets)[0]
+        global_size = self._global_sum(tf.cast(local_size, tf.float32))
+        variables = [hparams.unconstrained_value, hparams.unconstrained_scale]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(variables)
+            sample = hparams.sample(local_size, perturb=self.config.tune_scales)
+            outputs = self.model(self.model.preprocess(inputs), sample, training=False, seed=None)
+            loss = tf.reduce_sum(self.model.loss(targets, outputs)) / global_size
+            entropy = hparams.entropy()
+            # The entropy term is global: each replica carries 1/replicas of it.
+            hyper_loss = loss - self.tau * entropy / replicas
+        value_gradient, scale_gradient = tape.gradient(hyper_loss, variables)
+        loss, hyper_loss, value_gradient, scale_gradient = self._global_sum(
+            (loss, hyper_loss, value_gradient, scale_gradient))
+        finite = _all_finite([hyper_loss, value_gradient, scale_gradient])
+        self.hyper_optimizer.apply_replicated([value_gradient], finite)
+        if self.config.tune_scales:
+            self.scale_optimizer.apply_replicated([scale_gradient], finite)
+        return {"loss": loss, "hyper_loss": hyper_loss, "entropy": entropy,
+                **self._summed_metrics(targets, outputs, global_size), "finite": finite}
+
+    def _replica_evaluate(self, inputs, targets):
+        return self._global_sum(self._evaluate(inputs, targets))
+
     def evaluate_dataset(self, dataset: tf.data.Dataset) -> dict[str, float]:
         """Mean loss and metrics over a finite dataset of batches (eager loop over batches)."""
         totals: dict[str, float] = {}
-        for inputs, targets in dataset:
+        for inputs, targets in self.distribute(dataset):
             for key, value in self.evaluate(inputs, targets).items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         count = totals.pop("count", 0.0)

@@ -134,8 +134,9 @@ def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, log
     best_state = [v.numpy() for v in trainer.state_variables()]
     step, hyper_steps = int(state.step.numpy()), int(state.hyper_steps.numpy())
     first_epoch = int(state.epoch.numpy())
-    train_batches = iter(data.train.skip(step))
-    hyper_batches = iter(data.hyper.skip(hyper_steps))
+    # Under a strategy, `distribute` cuts each global batch into per-replica pieces.
+    train_batches = iter(trainer.distribute(data.train.skip(step)))
+    hyper_batches = iter(trainer.distribute(data.hyper.skip(hyper_steps)))
     start, start_step = time.time(), step
     total_steps = schedule_config.epochs * data.steps_per_epoch
     if options.max_steps:
