@@ -60,6 +60,7 @@ class LoopState(tf.Module):
         self.hyper_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="hyper_steps")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epochs_done")
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+        # float64: a wall-clock total over days of training would lose seconds in float32.
         self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
         # Python-side bookkeeping (schedule, trajectory), serialised so it checkpoints too.
         self.record = tf.Variable("{}", dtype=tf.string, trainable=False, name="record")
