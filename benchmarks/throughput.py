@@ -1,7 +1,10 @@
 r"""Throughput and peak memory of the STN training cycle against a plain network.
 
     /root/stnvenv/bin/python benchmarks/throughput.py [--models=cifar_cnn,cifar_alexnet] \
-        [--steps=N] [--reps=R] [--jit] [--nomemory] [--noprofile] [--nowrite]
+        [--steps=N] [--reps=R] [--jit] [--nomemory] [--noprofile] [--noablation] [--nowrite]
+
+The default run takes about 5-10 minutes on 2 cores (more on a loaded machine); --jit adds the
+XLA variants (about 2 minutes more, mostly compilation).
 
 What is measured, per model (`cifar_cnn`, `cifar_alexnet`), batch 128, CIFAR-shaped inputs:
 
@@ -20,8 +23,12 @@ What is measured, per model (`cifar_cnn`, `cifar_alexnet`), batch 128, CIFAR-sha
   * memory (subprocesses, one per configuration): `ru_maxrss` after warm-up and N cycles (3N
     plain steps), and of an idle process that imported TensorFlow and ran one op.
   * profile (subprocess): wall time of the pieces of a step (augmentation, forward, forward +
-    backward, update) and a `tf.profiler` trace of the steps, whose op times are summed by layer
-    type and by op kind.
+    backward, update, non-finite guard) and a `tf.profiler` trace of the steps, whose op times
+    are summed by part of the network and by op kind.
+  * ablation (subprocess): the STN steps with the PREVIOUS form of each speed-up the library
+    adopted from this benchmark (commit f81dbee) re-implemented here (`ABLATIONS`), timed against
+    the current library and the plain step in the same rounds.
+  The plain step is also timed with `tf.nn.bias_add` biases (Keras style), a weaker baseline.
 
 The script prints the tables and rewrites the part of BENCHMARKS.md between
 `<!-- throughput:start -->` and `<!-- throughput:end -->` (creating the file if needed).
@@ -65,15 +72,15 @@ from stn_pipeline.trainer import StnTrainer, TrainerConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cifar_cnn", "cifar_alexnet"], "Models to benchmark.")
-flags.DEFINE_integer("steps", 0, "STN cycles (2 weight + 1 hyper step) per timed block; the "
-                     "plain block has 3x as many steps. 0: the per-model default.")
+flags.DEFINE_integer("steps", 0, "Units per repetition: STN cycles (2 weight + 1 hyper step), "
+                     "interleaved with as many plain units of 3 steps. 0: the per-model default.")
 flags.DEFINE_integer("reps", 0, "Timed repetitions per model. 0: the per-model default.")
 flags.DEFINE_integer("batch_size", 128, "Examples per step.")
 flags.DEFINE_bool("jit", False, "Also time jit_compile=True (XLA) variants of both steps.")
 flags.DEFINE_bool("memory", True, "Measure peak RSS, one subprocess per configuration.")
 flags.DEFINE_bool("profile", True, "Profile the pieces of the steps (in a subprocess).")
-flags.DEFINE_bool("ablation", True, "Time candidate library fixes against the library's steps "
-                  "(in a subprocess).")
+flags.DEFINE_bool("ablation", True, "Time the previous forms of the library's speed-ups "
+                  "against its current steps (in a subprocess).")
 flags.DEFINE_bool("write", True, "Rewrite the throughput section of BENCHMARKS.md.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "BENCHMARKS.md"), "The markdown file to update.")
@@ -122,13 +129,15 @@ def build_plain(name: str, jit: bool = False, bias_add: bool = False) -> plain_m
 def jit_steps(trainer: StnTrainer):
     """`jit_compile=True` versions of the trainer's weight and hyper steps (same variables)."""
     signature = [trainer.input_spec, trainer.target_spec]
-    return (tf.function(trainer._weight_step, input_signature=signature, jit_compile=True),  # pylint: disable=protected-access
-            tf.function(trainer._hyper_step, input_signature=signature, jit_compile=True))  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    return (tf.function(trainer._weight_step, input_signature=signature, jit_compile=True),
+            tf.function(trainer._hyper_step, input_signature=signature, jit_compile=True))
 
 
 def plain_jit_step(trainer: plain_models.PlainTrainer):
     signature = [tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8), tf.TensorSpec([None], tf.int64)]
-    return tf.function(trainer._train_step, input_signature=signature, jit_compile=True)  # pylint: disable=protected-access
+    step = trainer._train_step  # pylint: disable=protected-access
+    return tf.function(step, input_signature=signature, jit_compile=True)
 
 
 def make_batches(batch_size: int, count: int = 4, seed: int = 0):
@@ -401,7 +410,8 @@ def label_stn_ops() -> None:
         cls.augment = _scoped(cls.augment, "augment")
     HyperParameters.sample = _scoped(HyperParameters.sample, "sample")
     for cls in (stn_optimizers.Momentum, stn_optimizers.Adam):
-        cls.apply = _scoped(stn_optimizers._Optimizer.apply, "update")  # pylint: disable=protected-access
+        # pylint: disable-next=protected-access
+        cls.apply = _scoped(stn_optimizers._Optimizer.apply, "update")
 
 
 def trace_ops(function, batches, calls: int) -> dict:
@@ -472,7 +482,7 @@ def child_profile(name: str, batch_size: int) -> dict:
     """Wall time of the pieces of STN and plain steps, and traced op times by kind and part."""
     label_stn_ops()
     heavy = name == "cifar_alexnet"
-    calls, reps, trace_calls = (2, 5, 4) if heavy else (5, 7, 8)
+    calls, reps, trace_calls = (2, 7, 4) if heavy else (5, 9, 8)
     batches = make_batches(batch_size)
     stn = build_stn(name, batch_size)
     plain = build_plain(name)
@@ -511,23 +521,18 @@ def child_profile(name: str, batch_size: int) -> dict:
         outputs = model(model.preprocess(inputs), sample, training=False, seed=None)
         return tf.reduce_mean(model.loss(targets, outputs))
 
-    def fused_update(variables, velocities, learning_rate):
-        def apply(*gradients):
-            for gradient, variable, velocity in zip(gradients, variables, velocities):
-                tf.raw_ops.ResourceApplyMomentum(
-                    var=variable.handle, accum=velocity.handle, lr=learning_rate, grad=gradient,
-                    momentum=tf.constant(0.9))
-        return tf.function(apply)
+    def unfused_update(*gradients):
+        for index, (gradient, variable) in enumerate(zip(gradients, stn.weights)):
+            momentum_update_unfused(stn.weight_optimizer, index, gradient, variable)
 
     compiled = lambda f: tf.function(f, input_signature=signature)  # noqa: E731
     _, stn_grads = compiled(stn_gradients)(*batches[0])
     _, plain_grads = tf.function(plain.gradients)(*batches[0])
     stn_update = tf.function(lambda *g: stn.weight_optimizer.apply(g))
-    stn_update_fused = fused_update(stn.weights, stn.weight_optimizer.velocity,
-                                    stn.weight_optimizer.learning_rate)
+    stn_update_unfused = tf.function(unfused_update)
     plain_update = tf.function(lambda *g: plain.optimizer.apply(g))
-    plain_update_fused = fused_update(plain.weights, plain.optimizer.velocity,
-                                      plain.optimizer.learning_rate)
+    plain_unfused = plain_models.PlainMomentum(plain.weights, fused=False)
+    plain_update_unfused = tf.function(lambda *g: plain_unfused.apply(g))
     guard = getattr(trainer_module, "_all_finite", None)  # the trainer's non-finite guard
     pieces = [
         ("stn", "augment + hparam sample", compiled(stn_augment), batches),
@@ -535,14 +540,14 @@ def child_profile(name: str, batch_size: int) -> dict:
         ("stn", "forward + backward (no update)", compiled(consumed(stn_gradients)), batches),
         ("stn", "weight step (compiled, library)", stn.weight_step, batches),
         ("stn", "update alone: library Momentum", stn_update, [stn_grads]),
-        ("stn", "update alone: fused ResourceApplyMomentum", stn_update_fused, [stn_grads]),
+        ("stn", "update alone: unfused rule (2 assigns)", stn_update_unfused, [stn_grads]),
     ]
     if guard is not None:
         pieces += [
             ("stn", "non-finite guard alone: library _all_finite(gradients)",
              tf.function(lambda *g: guard(list(g))), [stn_grads]),
-            ("stn", "non-finite guard alone: is_finite(reduce_sum(g)) per gradient",
-             tf.function(lambda *g: all_finite_by_sum(list(g))), [stn_grads])]
+            ("stn", "non-finite guard alone: element-wise is_finite + reduce_all",
+             tf.function(lambda *g: all_finite_elementwise(list(g))), [stn_grads])]
     pieces += [
         ("stn", "hyper step forward (eval, no grad)", compiled(stn_hyper_forward), batches),
         ("stn", "hyper step (compiled, library)", stn.hyper_step, batches),
@@ -550,8 +555,9 @@ def child_profile(name: str, batch_size: int) -> dict:
         ("plain", "forward + backward (no update)", tf.function(consumed(plain.gradients)),
          batches),
         ("plain", "train step", plain.train_step, batches),
-        ("plain", "update alone: Momentum (same rule)", plain_update, [plain_grads]),
-        ("plain", "update alone: fused ResourceApplyMomentum", plain_update_fused, [plain_grads]),
+        ("plain", "update alone: fused momentum (as the library)", plain_update, [plain_grads]),
+        ("plain", "update alone: unfused rule (2 assigns)", plain_update_unfused,
+         [plain_grads]),
     ]
     best = interleaved_ms([(f, args) for _, _, f, args in pieces], calls, reps)
     times = [[who, label, ms] for (who, label, _, _), ms in zip(pieces, best)]
@@ -561,77 +567,77 @@ def child_profile(name: str, batch_size: int) -> dict:
     return {"model": name, "pieces": times, "traces": traces}
 
 
-# ------------------------------------------------------------------ ablation: candidate fixes
+# ------------------------------------------------------------------ ablation: library choices
 #
-# Benchmark-side re-implementations of two library pieces, to measure what a fix would buy. They
-# compute the same function as the library code (checked below) and are installed only while the
-# candidate trainer's steps are traced, in the ablation child process.
+# Commit f81dbee adopted three changes this benchmark measured: StnConv2D as two convolutions on
+# the kernel halves, the fused momentum kernel, and a one-pass non-finite guard. The ablation
+# re-implements the PREVIOUS form of each here and times it against the current library, so the
+# gain of each change stays measured as the library evolves. The replacements compute the same
+# function (checked in `child_ablation`) and are installed only while a variant's steps are traced,
+# in the ablation child process.
 
 
-def conv_call_folded(self, inputs, hnet_input):
-    """StnConv2D.__call__ with the scalar c and both biases moved off the activations.
-
-    Library: y = c * (e + b_e) + g_w * r + g_b * b_h, with e, r = split(conv(x, [W_e | W_h]))
-    (5 full-size element-wise ops on [B, H', W', C] forward, ~8 backward, plus the split/concat).
-    Here: e, r = split(conv(x, [c W_e | W_h])); y = e + g_w * r + (c b_e + g_b b_h), where the
-    scaled kernel is kernel-sized and the bias is one [B, C] row per example.
-    """
-    kernel_e, kernel_h = tf.split(self.kernel, 2, axis=-1)
+def conv_call_stacked(self, inputs, hnet_input):
+    """StnConv2D.__call__ before f81dbee: ONE convolution on the stacked kernel [W_e | W_h], then
+    split of the [B, H', W', 2C] output: y = c (e + b_e) + g_w r + g_b b_h (and, backwards, a
+    concat of the two paths' gradients)."""
+    both = tf.nn.conv2d(inputs, self.kernel, self.stride, self.padding)
+    elementary, response = tf.split(both, 2, axis=-1)
     bias_e, bias_h = tf.split(self.bias, 2)
     weight_gate, bias_gate = self.gates(hnet_input)
-    scale = self.elementary_scale
-    both = tf.nn.conv2d(inputs, tf.concat([scale * kernel_e, kernel_h], -1), self.stride,
-                        self.padding)
-    elementary, response = tf.split(both, 2, axis=-1)
-    bias = scale * bias_e + bias_gate * bias_h  # [B, C]
-    return elementary + weight_gate[:, None, None, :] * response + bias[:, None, None, :]
+    return (self.elementary_scale * (elementary + bias_e) + weight_gate[:, None, None, :] * response
+            + bias_gate[:, None, None, :] * bias_h)
 
 
 def conv_call_two_convs(self, inputs, hnet_input):
-    """StnConv2D.__call__ as two convolutions on the kernel halves (no activation split/concat).
-
-    e = conv(x, c W_e) + c b_e (conv + bias, fused by grappler); r = conv(x, W_h);
-    y = e + g_w * r + g_b b_h.
-    """
+    """StnConv2D.__call__ as two convolutions on the kernel halves with c folded into W_e, b_e
+    (the form adopted in f81dbee): e = conv(x, c W_e) + c b_e; r = conv(x, W_h);
+    y = e + g_w r + g_b b_h."""
     kernel_e, kernel_h = tf.split(self.kernel, 2, axis=-1)
     bias_e, bias_h = tf.split(self.bias, 2)
     weight_gate, bias_gate = self.gates(hnet_input)
     scale = self.elementary_scale
-    elementary = tf.nn.bias_add(
-        tf.nn.conv2d(inputs, scale * kernel_e, self.stride, self.padding), scale * bias_e)
+    elementary = tf.nn.conv2d(inputs, scale * kernel_e, self.stride, self.padding) + scale * bias_e
     response = tf.nn.conv2d(inputs, kernel_h, self.stride, self.padding)
     return (elementary + weight_gate[:, None, None, :] * response
             + (bias_gate * bias_h)[:, None, None, :])
 
 
-def momentum_update_fused(self, index, gradient, variable):
-    """Momentum._update as TensorFlow's single-kernel ResourceApplyMomentum (same arithmetic:
-    v = m v + g; w -= lr v), instead of 2 assignments and 3 full-size temporaries."""
-    tf.raw_ops.ResourceApplyMomentum(
-        var=variable.handle, accum=self.velocity[index].handle,
-        lr=tf.cast(self.learning_rate, variable.dtype), grad=gradient,
-        momentum=tf.constant(self.momentum, variable.dtype))
+def momentum_update_unfused(self, index, gradient, variable):
+    """Momentum._update before f81dbee: v = m v + g; w -= lr v as two assignments (three
+    full-size temporaries), instead of the single ResourceApplyMomentum kernel."""
+    velocity = self.velocity[index]
+    velocity.assign(self.momentum * velocity + gradient)
+    variable.assign_sub(self.learning_rate * velocity)
+
+
+def all_finite_elementwise(tensors) -> tf.Tensor:
+    """The non-finite guard before f81dbee: is_finite on every element, reduce_all of the bool
+    tensors (one [N] bool temporary per gradient)."""
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None])
 
 
 def all_finite_by_sum(tensors) -> tf.Tensor:
-    """A cheaper non-finite guard: one reduction pass per tensor, no [N] bool temporary. A NaN or
-    inf anywhere makes the sum non-finite; finite values whose sum overflows float32 (|sum| >
-    3.4e38) would also be flagged, which only skips a step that is diverging anyway."""
+    """The one-pass guard (as adopted in f81dbee): a NaN or inf anywhere makes the sum
+    non-finite; finite values whose sum overflows float32 would also be flagged, which only skips
+    a step that is diverging anyway."""
     return tf.reduce_all([tf.math.is_finite(tf.reduce_sum(t)) for t in tensors if t is not None])
 
 
-# label -> (replacement of StnConv2D.__call__ or None, fused momentum?, reduce_sum guard?)
-# (`conv_call_folded` is kept for reference: it measured no better than `two convolutions`.)
+# label -> (replacement of StnConv2D.__call__, of Momentum._update, of trainer._all_finite);
+# None keeps the library's own.
+LIBRARY = "library (current)"
 ABLATIONS = {
-    "library (as is)": (None, False, False),
-    "fused momentum update": (None, True, False),
-    "conv: two convolutions": (conv_call_two_convs, False, False),
-    "two convs + fused momentum + sum guard": (conv_call_two_convs, True, True),
+    LIBRARY: (None, None, None),
+    "conv: one stacked conv + split (pre-f81dbee)": (conv_call_stacked, None, None),
+    "momentum: unfused assigns (pre-f81dbee)": (None, momentum_update_unfused, None),
+    "guard: element-wise is_finite (pre-f81dbee)": (None, None, all_finite_elementwise),
+    "all three pre-f81dbee forms": (conv_call_stacked, momentum_update_unfused,
+                                    all_finite_elementwise),
 }
 
 
-def build_variant(name: str, batch_size: int, conv_call, fused: bool, sum_guard: bool,
-                  batches) -> StnTrainer:
+def build_variant(name: str, batch_size: int, conv_call, update, guard, batches) -> StnTrainer:
     """An STN trainer whose steps are traced with the given replacements installed."""
     saved_call = stn_layers.StnConv2D.__call__
     saved_update = stn_optimizers.Momentum._update  # pylint: disable=protected-access
@@ -639,10 +645,10 @@ def build_variant(name: str, batch_size: int, conv_call, fused: bool, sum_guard:
     try:
         if conv_call is not None:
             stn_layers.StnConv2D.__call__ = conv_call
-        if fused:
-            stn_optimizers.Momentum._update = momentum_update_fused  # pylint: disable=protected-access
-        if sum_guard and saved_guard is not None:
-            trainer_module._all_finite = all_finite_by_sum  # pylint: disable=protected-access
+        if update is not None:
+            stn_optimizers.Momentum._update = update  # pylint: disable=protected-access
+        if guard is not None and saved_guard is not None:
+            trainer_module._all_finite = guard  # pylint: disable=protected-access
         trainer = build_stn(name, batch_size)
         trainer.weight_step(*batches[0])  # traces now, with the replacements
         trainer.hyper_step(*batches[0])
@@ -655,7 +661,7 @@ def build_variant(name: str, batch_size: int, conv_call, fused: bool, sum_guard:
 
 
 def child_ablation(name: str, batch_size: int) -> dict:
-    """Interleaved weight/hyper step times of the library and of the candidate fixes."""
+    """Interleaved weight/hyper step times of the library and of the previous forms."""
     heavy = name == "cifar_alexnet"
     calls, reps = (2, 7) if heavy else (6, 9)
     batches = make_batches(batch_size)
@@ -664,7 +670,7 @@ def child_ablation(name: str, batch_size: int) -> dict:
     # Same function? From one state (weights, hyperparameters, velocities copied from the library
     # trainer; the random generators are seeded alike and have been advanced alike), compare the
     # eval-mode outputs and the weights after one weight step with the library's.
-    reference = trainers["library (as is)"]
+    reference = trainers[LIBRARY]
     x, y = batches[1]
     for trainer in trainers.values():
         sources = reference.state_variables() + reference.weight_optimizer.velocity
@@ -686,8 +692,8 @@ def child_ablation(name: str, batch_size: int) -> dict:
     checks = {}
     for label in ABLATIONS:
         weight_diff = max(float(np.max(np.abs(a - b)))
-                          for a, b in zip(after[label], after["library (as is)"]))
-        output_diff = float(tf.reduce_max(tf.abs(outputs[label] - outputs["library (as is)"])))
+                          for a, b in zip(after[label], after[LIBRARY]))
+        output_diff = float(tf.reduce_max(tf.abs(outputs[label] - outputs[LIBRARY])))
         checks[label] = max(weight_diff, output_diff)
     plain = build_plain(name)
     functions = [(plain.train_step, batches)]  # timed alongside, for a same-moment ratio
@@ -762,26 +768,29 @@ def findings(results: dict, memory: dict, profiles: dict, ablations: dict) -> li
         try:
             ratio = m["stn"]["max_rss_mib"] / m["plain"]["max_rss_mib"]
             idle = m["idle"]["max_rss_mib"]
+            above = (m["stn"]["max_rss_mib"] - idle) / (m["plain"]["max_rss_mib"] - idle)
             line += (f"; peak RSS {m['stn']['max_rss_mib']:.0f} vs {m['plain']['max_rss_mib']:.0f}"
                      f" MiB = {ratio:.2f}x ({'meets' if ratio <= 2.5 else 'MISSES'} the 2.5x "
-                     f"target; {(m['stn']['max_rss_mib'] - idle) / (m['plain']['max_rss_mib'] - idle):.2f}x "
-                     f"above the {idle:.0f} MiB of an idle TF process)")
+                     f"target; {above:.2f}x above the {idle:.0f} MiB of an idle TF process)")
         except (KeyError, TypeError, ZeroDivisionError):
             pass
         lines.append(line + ".")
         if "stn_jit" in r["contenders"] and "plain_jit" in r["contenders"]:
             c = r["contenders"]
-            lines.append(f"{name} with `jit_compile=True`: STN x{c['stn_jit']['ips'] / s['ips']:.2f}, "
-                         f"plain x{c['plain_jit']['ips'] / p['ips']:.2f} images/s "
+            stn_gain, plain_gain = c["stn_jit"]["ips"] / s["ips"], c["plain_jit"]["ips"] / p["ips"]
+            lines.append(f"{name} with `jit_compile=True`: STN x{stn_gain:.2f}, plain "
+                         f"x{plain_gain:.2f} images/s "
                          f"({'helps' if c['stn_jit']['ips'] > s['ips'] else 'does not help'} "
                          "the STN on this CPU).")
         elif r["jit_errors"]:
-            lines.append(f"{name} with `jit_compile=True`: failed ({'; '.join(r['jit_errors'].values())}).")
+            errors = "; ".join(r["jit_errors"].values())
+            lines.append(f"{name} with `jit_compile=True`: failed ({errors}).")
     for name, prof in profiles.items():
         if "error" in prof:
             continue
         sf, pf = _piece(prof, "stn", "forward ("), _piece(prof, "plain", "forward (")
-        sfb, pfb = _piece(prof, "stn", "forward + backward"), _piece(prof, "plain", "forward + backward")
+        sfb = _piece(prof, "stn", "forward + backward")
+        pfb = _piece(prof, "plain", "forward + backward")
         trace, plain_trace = prof["traces"]["stn weight step"], prof["traces"]["plain step"]
         total = trace["total_ms"]
         compute = sum(trace["kinds"].get(k, 0.0) for k in COMPUTE_KINDS)
@@ -794,28 +803,27 @@ def findings(results: dict, memory: dict, profiles: dict, ablations: dict) -> li
                 f"(split/concat, gates, scale, their gradients) {100 * overhead / total:.0f}% "
                 f"({overhead:.0f} ms vs {plain_overhead:.0f} ms of bias work in the plain step), "
                 f"the momentum update {100 * update / total:.0f}%")
-        guard, guard_sum = (_piece(prof, "stn", "non-finite guard alone: library"),
-                            _piece(prof, "stn", "non-finite guard alone: is_finite"))
+        guard = _piece(prof, "stn", "non-finite guard alone: library")
+        guard_old = _piece(prof, "stn", "non-finite guard alone: element-wise")
         lib_update = _piece(prof, "stn", "update alone: library")
-        fused_update = _piece(prof, "stn", "update alone: fused")
-        if lib_update and fused_update:
-            line += (f"; the update alone takes {lib_update:.1f} ms (fused "
-                     f"ResourceApplyMomentum: {fused_update:.1f} ms)")
-        if guard is not None:
-            line += (f"; the non-finite guard alone {guard:.1f} ms (reduce_sum version "
-                     f"{guard_sum:.1f} ms)")
+        unfused = _piece(prof, "stn", "update alone: unfused")
+        if lib_update and unfused:
+            line += (f"; the library's update alone takes {lib_update:.1f} ms (the unfused "
+                     f"rule: {unfused:.1f} ms)")
+        if guard is not None and guard_old is not None:
+            line += (f"; its non-finite guard alone {guard:.1f} ms (element-wise version "
+                     f"{guard_old:.1f} ms)")
         lines.append(line + ".")
     for name, ablation in ablations.items():
         if "error" in ablation or not ablation.get("rows"):
             continue
         base = ablation["rows"][0]
-        best = min(ablation["rows"][1:], key=lambda row: row["cycle_ms"], default=None)
-        if best is not None:
-            lines.append(f"{name} candidate fixes: best is '{best['variant']}', cycle "
-                         f"{base['cycle_ms']:.0f} -> {best['cycle_ms']:.0f} ms "
-                         f"(x{base['cycle_ms'] / best['cycle_ms']:.2f} images/s; cycle ratio vs "
-                         f"plain in the same rounds {base['cycle_ratio']:.2f} -> "
-                         f"{best['cycle_ratio']:.2f}).")
+        effects = [f"{row['variant']} x{base['cycle_ms'] / row['cycle_ms']:.2f}"
+                   for row in ablation["rows"][1:]]
+        lines.append(f"{name} library choices (cycle images/s of the previous form relative to "
+                     f"the current library, same rounds; below 1 means the change helped): "
+                     + "; ".join(effects) + f". Same-round cycle ratio of the current library vs "
+                     f"plain: {base['cycle_ratio']:.2f}.")
     return lines
 
 
@@ -823,36 +831,44 @@ def findings(results: dict, memory: dict, profiles: dict, ablations: dict) -> li
 NOTES = """
 **What limits the STN step** (details in the profile tables below):
 
-1. *Twice the convolution and matmul work.* Every STN layer computes both paths in one
-   conv/matmul on the stacked kernel `[W_e | W_h]`, so the forward, the input gradient and the
+1. *Twice the convolution and matmul work.* Every STN layer computes both paths, the
+   elementary `x W_e` and the response `x W_h`, so the forward, the input gradient and the
    filter gradient of each layer do 2x the multiply-adds of the plain layer. Convolutions and
    matmuls are most of the STN weight step's op time, and the STN/plain wall-time ratios of the
-   forward and of forward + backward are 2x or a little more. This is inherent to the structured
+   forward and of forward + backward are about 2x. This is inherent to the structured
    best-response formulation: per-example gates make the two paths impossible to fold into one
    kernel during training (folding is what the serving export does at fixed hyperparameters).
-2. *Element-wise work of the gated combine.* `_combine` splits the `[B, H, W, 2C]` output,
-   multiplies by the scalar `c` and the per-example gates, adds biases; the backward adds gate and
-   scale reductions and concatenates the two paths' gradients. It is a large share of the small
-   `cifar_cnn` (cheap convolutions) and a small one of AlexNet. Re-implementing the conv layer as
-   two convolutions on the kernel halves with `c` folded into `W_e` and `b_e` (no activation split
-   or concat) computes the same function; its measured gain is in the candidate-fixes tables and
-   is small, a few percent, next to the run-to-run noise of a shared machine.
+   With 2x the work, a weight step runs at about 0.5x the plain images/s; the cycle ratio is a
+   little higher because of the hyper step (3.).
+2. *Element-wise work of the gated combine.* y = c (x W_e + b_e) + g_w * (x W_h) + g_b * b_h needs
+   per-example gate multiplications and adds over the layer output, and, backwards, the gate
+   reductions. Since f81dbee `StnConv2D` runs two convolutions on the kernel halves, with c folded
+   into W_e and b_e, instead of one convolution on the stacked kernel followed by a split of the
+   [B, H, W, 2C] output (and a concat of the two paths' gradients backwards); the `one stacked
+   conv + split` row of the library-choices tables times the old form. This work is a visible
+   share of `cifar_cnn`, whose convolutions are cheap, and a small one of AlexNet.
 3. *The hyper step* is a forward plus the input-gradient half of a backward (no filter
    gradients are computed: grappler prunes them), about 0.6 of a weight step, which is why the
    cycle ratio (hyper-step images counted) is above the per-weight-step ratio.
-4. *Optimizer and guards.* `optimizers.Momentum._update` is two assignments with three full-size
-   temporaries; TensorFlow's single-kernel `ResourceApplyMomentum` does the same arithmetic in
-   about half the time (both timed in the pieces table), which matters for AlexNet's 46.8M STN
-   weights. The trainer's non-finite guard `_all_finite` runs `is_finite` on every gradient element
-   and reduces a bool tensor as large as the model; `is_finite(reduce_sum(g))` per tensor is a
-   cheaper single pass.
+4. *Optimizer and guard.* Since f81dbee `optimizers.Momentum` applies TensorFlow's single-kernel
+   `ResourceApplyMomentum` (the same arithmetic as its former two assignments with three
+   full-size temporaries, about half the time: both are timed in the pieces tables; it matters for
+   AlexNet's 46.8M STN weights), and the trainer's non-finite guard sums each gradient once
+   instead of materialising an `is_finite` bool per element.
 5. *XLA.* `jit_compile=True` is slower than `tf.function` on this CPU for both networks, STN and
    plain (TensorFlow's kernels here are oneDNN's; XLA's CPU backend generates its own), and it
    compiles for seconds to tens of seconds: keep it off for CPU training.
 
-Memory: the STN holds twice the weights, momentum slots and gradients of the plain net; its
-activations are at most twice as wide; the peak RSS ratio stays well under the 2.5x target,
-mostly because a TensorFlow process already uses a few hundred MiB before any model exists.
+Noise: the machine is shared with other jobs. Within a run, STN and plain are interleaved cycle by
+cycle, yet the median cycle ratio of `cifar_cnn` was 0.47 in a run at a load average of 6-7 and
+0.56 in one an hour later at 3-4 (the library also changed in between: f81dbee, whose parts the
+library-choices tables measure). AlexNet steps are long, so fewer of them fit in a run and its
+figures scatter more; differences under about 10% are not resolved reliably there. Best-of-rounds
+timings (pieces, library choices) are the steadier figures.
+
+Memory: the STN holds twice the weights, momentum slots and gradients of the plain net, and its
+layer outputs are computed for two paths; the peak RSS ratio stays well under the 2.5x target,
+partly because a TensorFlow process already uses a few hundred MiB before any model exists.
 """
 
 
@@ -865,7 +881,8 @@ def report(results: dict, memory: dict, profiles: dict, ablations: dict, info: d
            "layers with a fixed channel-wise dropout of 0.05 and no augmentation "
            "(`benchmarks/plain_models.py`, momentum-SGD 0.9, compiled with `tf.function`), in "
            "the same process on the same uint8 batches, then measures peak memory in "
-           "subprocesses, profiles the steps and times candidate library fixes.", "",
+           "subprocesses, profiles the steps and times the library's speed-ups against their "
+           "previous forms.", "",
            f"_Generated by `benchmarks/throughput.py` on {started:%Y-%m-%d %H:%M} "
            f"(took {elapsed / 60:.1f} min)._", "",
            f"Command: `{command}`", "",
@@ -1010,7 +1027,7 @@ def report(results: dict, memory: dict, profiles: dict, ablations: dict, info: d
 
     for name, ablation in ablations.items():
         if "error" in ablation:
-            out += [f"#### Candidate fixes, {name}: failed ({ablation['error']})", ""]
+            out += [f"#### Library choices, {name}: failed ({ablation['error']})", ""]
             continue
         rows = ablation["rows"]
         base = rows[0]
@@ -1018,11 +1035,12 @@ def report(results: dict, memory: dict, profiles: dict, ablations: dict, info: d
                        f"{row['cycle_ms']:.1f}", f"{base['cycle_ms'] / row['cycle_ms']:.2f}x",
                        f"{row['cycle_ratio']:.2f}x", f"{row['max_abs_diff']:.1e}"]
                       for row in rows]
-        out += [f"#### Candidate library fixes, {name} (benchmark-side re-implementations, "
-                "best of interleaved rounds; see `ABLATIONS` in throughput.py)", "",
+        out += [f"#### Library choices, {name}: the current library vs the previous form of each "
+                "change adopted in f81dbee (re-implemented in the benchmark; best of interleaved "
+                "rounds; see `ABLATIONS` in throughput.py)", "",
                 table(["variant", "weight step ms", "hyper step ms", "cycle ms",
-                       "cycle speed-up", "cycle ratio vs plain", "max abs diff vs library"],
-                      table_rows), "",
+                       "cycle images/s vs library", "cycle ratio vs plain",
+                       "max abs diff vs library"], table_rows), "",
                 f"The plain step ({ablation['plain_step_ms']:.1f} ms) was timed in the same "
                 "rounds, so `cycle ratio vs plain` (3 plain steps / 1 cycle) is a same-moment "
                 "estimate. `max abs diff vs library`: largest difference of eval outputs and of "
@@ -1108,7 +1126,7 @@ def main(argv):
             profiles[name] = run_child(["--child=profile", f"--child_model={name}",
                                         f"--batch_size={FLAGS.batch_size}"])
         if FLAGS.ablation:
-            print(f"[{name}] ablation of candidate fixes", flush=True)
+            print(f"[{name}] ablation of the library's speed-ups", flush=True)
             ablations[name] = run_child(["--child=ablation", f"--child_model={name}",
                                          f"--batch_size={FLAGS.batch_size}"])
     load_end = os.getloadavg()[0]
