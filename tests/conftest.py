@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from stn_pipeline import data
+from archives import unpack_archive
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = REPO_ROOT.parent / "shared/data/cifar10_jpg_q75.tar.gz"
@@ -45,9 +45,11 @@ def image_folder_factory(tmp_path_factory: pytest.TempPathFactory) -> MakeImageF
     """Returns ``make(name, *, shape=(H, W, C), ...)`` writing a PNG image folder.
 
     ``make`` accepts ``classes`` (names), ``per_class`` (``split -> count``),
-    ``seed`` and ``sizes`` (an optional function ``(split, class_index, k) ->
-    (H, W, C)`` overriding ``shape`` per image). Every image is random noise,
-    so images are distinct and can be matched by their pixels.
+    ``seed``, ``sizes`` (an optional function ``(split, class_index, k) ->
+    (H, W, C)`` overriding ``shape`` per image) and ``constant_channels``
+    (``channel -> value`` for channels every image holds constant, e.g.
+    ``{3: 255}`` for the opaque alpha of RGBA PNGs). Every other channel is
+    random noise, so images are distinct and can be matched by their pixels.
     """
 
     def make(
@@ -58,6 +60,7 @@ def image_folder_factory(tmp_path_factory: pytest.TempPathFactory) -> MakeImageF
         per_class: dict[str, int] | None = None,
         seed: int = 0,
         sizes: Callable[[str, int, int], tuple[int, int, int]] | None = None,
+        constant_channels: Mapping[int, int] | None = None,
     ) -> GeneratedImageFolder:
         per_class = {"train": 12, "test": 4} if per_class is None else per_class
         rng = np.random.default_rng(seed)
@@ -70,6 +73,8 @@ def image_folder_factory(tmp_path_factory: pytest.TempPathFactory) -> MakeImageF
                 for k in range(count):
                     image_shape = sizes(split, label, k) if sizes else shape
                     image = rng.integers(0, 256, size=image_shape, dtype=np.uint8)
+                    for channel, value in (constant_channels or {}).items():
+                        image[..., channel] = value
                     _write_png(root / split / cls / f"{k:04d}.png", image)
                     examples[split].append((image, label))
         return GeneratedImageFolder(root=root, class_names=class_names, examples=examples)
@@ -93,4 +98,4 @@ def cifar_folder() -> pathlib.Path:
     if not CIFAR_ARCHIVE.is_file():
         pytest.fail(f"shared CIFAR-10 archive missing: {CIFAR_ARCHIVE}")
     cache = os.environ.get("STN_DATA_CACHE") or os.path.expanduser("~/.cache/stn_pipeline")
-    return data.unpack_archive(CIFAR_ARCHIVE, cache)
+    return unpack_archive(CIFAR_ARCHIVE, cache)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import collections
 import pathlib
-import tarfile
 import time
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,6 +12,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from stn_pipeline import data
+from stn_pipeline.data import tfds_source
+from stn_pipeline.models import CifarCnn, cifar_cnn_hparams
 
 CIFAR_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -35,11 +35,12 @@ def _folder(folder) -> str:
     return f"{data.FOLDER_PREFIX}{folder.root}"
 
 
-def _first_train_file(root: pathlib.Path) -> pathlib.Path:
+def _train_order(root: pathlib.Path, split: str = "train") -> list[pathlib.Path]:
     builder = tfds.folder_dataset.ImageFolder(str(root))
     skip = {"image": tfds.decode.SkipDecoding()}
-    first = next(iter(builder.as_dataset(split="train", decoders=skip).take(1)))
-    return pathlib.Path(first["image/filename"].numpy().decode())
+    ordered = builder.as_dataset(split=split, decoders=skip).as_numpy_iterator()
+    return [pathlib.Path(ex["image/filename"].decode()) for ex in ordered]
+
 
 
 # --------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_folder_mixed_sizes_and_channels_are_fitted(image_folder_factory):
         "tiny_mixed", seed=2, sizes=lambda split, label, k: variants[k % len(variants)]
     )
     # The first train image (in ImageFolder order) sets the shape: make it RGB 32x32.
-    first = _first_train_file(folder.root)
+    first = _train_order(folder.root)[0]
     first.write_bytes(
         tf.io.encode_png(np.full((32, 32, 3), 7, dtype=np.uint8)).numpy()
     )
@@ -313,16 +314,53 @@ def test_too_few_examples_to_split(image_folder_factory):
         data.load_splits(_folder(folder))
 
 
-def test_corrupt_image(image_folder_factory):
-    folder = image_folder_factory("corrupt", shape=(6, 6, 3), per_class={"train": 4})
-    builder = tfds.folder_dataset.ImageFolder(str(folder.root))
-    skip = {"image": tfds.decode.SkipDecoding()}
-    ordered = builder.as_dataset(split="train", decoders=skip).as_numpy_iterator()
-    second = [ex["image/filename"].decode() for ex in ordered][1]  # In the train part.
-    pathlib.Path(second).write_bytes(b"not a png at all")
-    with pytest.raises(data.DataError, match="cannot decode") as err:
-        data.load_splits(_folder(folder))
+def _truncate(path: pathlib.Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _as_text_jpg(path: pathlib.Path) -> None:
+    path.unlink()
+    path.with_suffix(".jpg").write_text("this is a text file, not a JPEG")
+
+
+# (split folder, position in ImageFolder's order, damage): the train part, the valid part (the
+# end of the train split) and the test split are all decoded before training starts.
+@pytest.mark.parametrize("split,position,damage", [
+    ("train", 1, _truncate),
+    ("train", -1, _truncate),
+    ("test", 2, _as_text_jpg),
+    ("train", 3, _as_text_jpg),
+])
+def test_undecodable_image_is_named(image_folder_factory, split, position, damage):
+    folder = image_folder_factory(f"bad_{split}_{position}_{damage.__name__}", shape=(6, 6, 3),
+                                  per_class={"train": 4, "test": 2})
+    bad = _train_order(folder.root, split)[position]
+    damage(bad)
+    named = bad if damage is _truncate else bad.with_suffix(".jpg")
+    with pytest.raises(data.DataError, match="cannot decode image") as err:
+        data.load_splits(_folder(folder), valid_fraction=0.25)
+    assert str(named) in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_rgba_with_opaque_alpha_normalises_finitely(image_folder_factory, caplog):
+    folder = image_folder_factory("rgba_opaque", shape=(20, 20, 4), classes=("a", "b"),
+                                  per_class={"train": 4}, constant_channels={3: 255})
+    splits = data.load_splits(_folder(folder), valid_fraction=0.25)
+    images = np.stack([image for image, _ in _examples(splits.train)]).astype(np.float64)
+    # Colour channels keep their measured statistics; the constant alpha gets the floor.
+    np.testing.assert_allclose(splits.info.mean, images.mean(axis=(0, 1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(splits.info.std[:3], images[..., :3].std(axis=(0, 1, 2)),
+                               rtol=1e-10)
+    assert splits.info.mean[3] == 255.0 and splits.info.std[3] == data.STD_FLOOR == 1.0
+    warnings = [r.getMessage() for r in caplog.records if "constant" in r.getMessage()]
+    assert len(warnings) == 1 and "channel 3 (alpha)" in warnings[0]
+
+    model = CifarCnn(splits.info.image_shape, 2, splits.info.mean, splits.info.std,
+                     cifar_cnn_hparams())
+    normalised = model.preprocess(tf.constant(images.astype(np.uint8))).numpy()
+    assert np.isfinite(normalised).all()
+    np.testing.assert_array_equal(normalised[..., 3], 0.0)
 
 
 def test_unknown_tfds_name():
@@ -385,8 +423,8 @@ def test_tfds_cifar10_mocked(tmp_path):
 
 def test_tfds_cifar10_offline_fails_fast(tmp_path):
     builder = tfds.builder("cifar10", data_dir=str(tmp_path))
-    endpoints = data._endpoints(builder.url_infos)
-    if not data._unreachable_endpoints(endpoints, 3.0):
+    endpoints = tfds_source.endpoints(builder.url_infos)
+    if not tfds_source.unreachable_endpoints(endpoints, 3.0):
         pytest.skip("the CIFAR-10 download host is reachable: this machine is online")
     start = time.monotonic()
     with pytest.raises(data.DataError) as err:
@@ -425,52 +463,3 @@ def test_cifar_folder_full_sizes(cifar_folder):
     # 40,000 of the 50,000 train images: close to the README's full mean.
     np.testing.assert_allclose(info.mean, CIFAR_README_MEAN, atol=2.0)
     np.testing.assert_allclose(info.std, (62.53, 61.91, 66.46), atol=1.0)
-
-
-# --------------------------------------------------------------------------
-# unpack_archive
-# --------------------------------------------------------------------------
-
-
-def _make_tree(root: pathlib.Path) -> None:
-    (root / "train" / "a").mkdir(parents=True)
-    (root / "train" / "a" / "x.txt").write_text("hello")
-
-
-def test_unpack_archive_tar_once(tmp_path):
-    src = tmp_path / "src"
-    _make_tree(src)
-    archive = tmp_path / "demo.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(src / "train", arcname="train")
-    cache = tmp_path / "cache"
-
-    target = data.unpack_archive(archive, cache)
-    assert target == cache / "demo"
-    assert (target / "train" / "a" / "x.txt").read_text() == "hello"
-    (target / "marker").write_text("kept")
-    assert data.unpack_archive(archive, cache) == target
-    assert (target / "marker").read_text() == "kept"  # Not extracted again.
-    assert sorted(p.name for p in cache.iterdir()) == ["demo"]  # No partial dirs.
-
-
-def test_unpack_archive_zip(tmp_path):
-    archive = tmp_path / "demo.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("train/a/x.txt", "zipped")
-    target = data.unpack_archive(archive, tmp_path / "cache")
-    assert (target / "train" / "a" / "x.txt").read_text() == "zipped"
-
-
-def test_unpack_archive_errors(tmp_path):
-    cache = tmp_path / "cache"
-    with pytest.raises(data.DataError, match="archive not found"):
-        data.unpack_archive(tmp_path / "missing.tar.gz", cache)
-    broken = tmp_path / "broken.tar.gz"
-    broken.write_bytes(b"this is not a tarball")
-    with pytest.raises(data.DataError, match="cannot unpack archive"):
-        data.unpack_archive(broken, cache)
-    assert not (cache / "broken").exists()
-    assert list(cache.iterdir()) == []
-    with pytest.raises(data.DataError, match="unsupported archive type"):
-        data.unpack_archive(tmp_path / "file.rar", cache)
