@@ -15,6 +15,7 @@ the next version under `--export_dir` (default `<logdir>/export`), never overwri
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -22,8 +23,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 from absl import app, flags  # noqa: E402
 
-from stn_pipeline import export, trainer_export  # noqa: E402
+from stn_pipeline import experiments, export, trainer_export  # noqa: E402
 from stn_pipeline.checkpoints import CheckpointError  # noqa: E402
+from stn_pipeline.trainer import StnTrainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -38,6 +40,28 @@ def define_flags() -> None:
                       "--what=trainer: the checkpoint to export from.")
 
 
+def load_run(logdir: str, need_results: bool = False) -> tuple[experiments.RunConfig, dict]:
+    """(RunConfig, results) of the run in `logdir`: the one place that reads config.json back."""
+    config_json, results = export.read_run(logdir, need_results)
+    fields = {f.name for f in dataclasses.fields(experiments.RunConfig)}
+    return experiments.RunConfig(**{k: v for k, v in config_json.items() if k in fields}), results
+
+
+def export_model(logdir: str, export_dir: str | None = None) -> str:
+    """Exports the best state of the finished run in `logdir`; returns the version folder."""
+    config, results = load_run(logdir, need_results=True)
+    model, hparams = experiments.build_model(config, results.get("metadata") or {})
+    return export.export_from_logdir(logdir, model, hparams, results, export_dir)
+
+
+def rebuild_trainer(logdir: str) -> StnTrainer:
+    """An untrained trainer of the run in `logdir` (finished or not), from config and metadata."""
+    config, results = load_run(logdir)
+    metadata = results.get("metadata") or {}
+    model, hparams = experiments.build_model(config, metadata)
+    return trainer_export.new_trainer(model, hparams, metadata, config.trainer_config())
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"stn-export: error: unexpected arguments {argv[1:]}; flags take the form "
@@ -48,9 +72,10 @@ def main(argv):
         if not os.path.isdir(FLAGS.logdir):
             raise export.ExportError(f"--logdir={FLAGS.logdir} does not exist.")
         if FLAGS.what == "trainer":
-            path = trainer_export.export_trainer(FLAGS.logdir, FLAGS.source, FLAGS.export_dir)
+            path = trainer_export.export_trainer(FLAGS.logdir, rebuild_trainer(FLAGS.logdir),
+                                                 FLAGS.source, FLAGS.export_dir)
         else:
-            path = export.export_from_logdir(FLAGS.logdir, FLAGS.export_dir)
+            path = export_model(FLAGS.logdir, FLAGS.export_dir)
     except (export.ExportError, CheckpointError, ValueError) as error:
         sys.exit(f"stn-export: error: {error}")
     print(f"exported {path}")

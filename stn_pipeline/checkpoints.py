@@ -1,12 +1,15 @@
-"""The best-validation checkpoint of a run: what `stn-export` rebuilds an export from.
+"""A run's checkpoints: resume checkpoints of the whole trainer, and its best-validation state.
 
-A run ends at its best-validation state (`training.fit` restores it), and `run_experiment` then
-writes that state here:
-
-    <logdir>/checkpoints/best/ckpt.*            model and hyperparameter variables (tf.train)
+    <logdir>/checkpoints/ckpt-<step>.*          `RunCheckpoints`: everything that decides the run's
+                                                future (trainer and loop state); `stn-train` resumes
+                                                from the newest readable one
+    <logdir>/checkpoints/best/ckpt.*            `save_best`: model and hyperparameter variables of
+                                                the best-validation state (no optimizer state)
     <logdir>/checkpoints/best/input_spec.json   dtype and shape of one batch of raw inputs
 
-Only predictions need restoring, so optimizer state is not saved (this is not a resume point).
+`training.fit` restores the best state at the end of a run; `stn-export` rebuilds an export from
+it (`restore_best`). `restore_trainer` initialises a trainer from a checkpoint written as
+`trainer=...` (`stn-train --init_from`, e.g. a continued trainer SavedModel).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from stn_pipeline.files import write_json
 from stn_pipeline.hparams import HyperParameters
 
 __all__ = ["BEST_DIR", "CheckpointError", "RunCheckpoints", "restore_best",
@@ -45,9 +49,8 @@ def save_best(logdir: str, model: tf.Module, hparams: HyperParameters,
     folder = os.path.join(logdir, BEST_DIR)
     os.makedirs(folder, exist_ok=True)
     path = _checkpoint(model, hparams).write(os.path.join(folder, _PREFIX))
-    spec = {"shape": list(input_spec.shape.as_list()), "dtype": input_spec.dtype.name}
-    with open(os.path.join(folder, _SPEC_FILE), "w") as handle:
-        json.dump(spec, handle)
+    write_json(os.path.join(folder, _SPEC_FILE),
+               {"shape": list(input_spec.shape.as_list()), "dtype": input_spec.dtype.name})
     return path
 
 
@@ -139,6 +142,7 @@ class RunCheckpoints:
                                   f"{self.manager.latest_checkpoint} is intact") from None
 
     def save_best(self) -> str:
+        """Writes the trainer's current model and hyperparameters as the best state."""
         try:
             return save_best(self.logdir, self.trainer.model, self.trainer.hparams,
                              self.trainer.input_spec)
@@ -147,6 +151,7 @@ class RunCheckpoints:
                                   f"{_first_line(error)}") from None
 
     def restore_best(self) -> None:
+        """Restores the best state written by `save_best` into the trainer."""
         restore_best(self.logdir, self.trainer.model, self.trainer.hparams)
 
 

@@ -32,12 +32,9 @@ MacKay et al., Self-Tuning Networks, ICLR 2019, https://arxiv.org/abs/1903.03088
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -45,13 +42,15 @@ import tensorflow as tf
 from absl import logging
 
 from stn_pipeline import checkpoints
+from stn_pipeline.files import staging_folder, write_json
 from stn_pipeline.hparams import POSITIVE, HParamSample, HyperParameters
 from stn_pipeline.layers import StnConv2D, StnDense, fold_layer
 from stn_pipeline.models.base import StnClassifier, StnModel
 from stn_pipeline.models.image import StnImageClassifier
 
 __all__ = ["EXPORT_DIR", "METADATA_FILE", "ExportError", "ServingModule", "export_from_logdir",
-           "export_metadata", "export_model", "export_run", "fold_model", "stn_layers"]
+           "export_metadata", "export_model", "export_run", "fold_model", "read_run",
+           "stn_layers"]
 
 EXPORT_DIR = "export"
 METADATA_FILE = "stn_export.json"
@@ -335,11 +334,11 @@ def export_model(export_root: str, model: StnModel, hparams: HyperParameters,
     """
     if metadata is None:
         metadata = export_metadata(model, hparams, input_spec)
+
     def write(folder: str) -> None:
-        metadata_path = os.path.join(tempfile.mkdtemp(prefix="meta-", dir=folder), METADATA_FILE)
-        with open(metadata_path, "w") as handle:
-            json.dump(metadata, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        os.makedirs(os.path.join(folder, "assets_source"))  # outside the SavedModel's folder
+        metadata_path = os.path.join(folder, "assets_source", METADATA_FILE)
+        write_json(metadata_path, metadata)
         module = ServingModule(model, hparams, input_spec,
                                class_names=metadata.get("class_names", ()),
                                metadata_file=metadata_path)
@@ -373,21 +372,17 @@ def save_versioned(export_root: str, write: Callable[[str], None]) -> str:
     except OSError as error:
         raise ExportError(f"cannot create the export folder {export_root}: "
                           f"{error.strerror}") from None
-    staging = tempfile.mkdtemp(prefix=".export-", dir=export_root)
-    try:
+    with staging_folder(export_root, prefix=".export-") as staging:
         write(staging)
         while True:
             version = (_versions(export_root) or [0])[-1] + 1
             target = os.path.join(export_root, str(version))
             try:
                 os.rename(os.path.join(staging, "model"), target)  # fails if a concurrent
-                break                                              # export took this number
+                return target                                      # export took this number
             except OSError:
                 if not os.path.isdir(target):
                     raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def export_run(logdir: str, model: StnModel, hparams: HyperParameters,
@@ -405,13 +400,13 @@ def export_run(logdir: str, model: StnModel, hparams: HyperParameters,
     return {"checkpoint_path": checkpoint_path, "export_path": export_path}
 
 
-def load_run(logdir: str, need_results: bool = False):
-    """(RunConfig, results) of the run in `logdir`; results may be partial for an unfinished run.
+def read_run(logdir: str, need_results: bool = False) -> tuple[dict, dict]:
+    """(config.json, results) of the run in `logdir`, as read; results may be partial.
 
     An unfinished run has no results.json; its metadata.json (written when the run starts) is
-    returned as `{"metadata": ...}` instead.
+    returned as `{"metadata": ...}` instead. Turning the config into a model is the caller's job
+    (`stn-export` uses the experiment registry; export code does not import it).
     """
-    from stn_pipeline import experiments  # local: experiments pulls in the data pipeline
     names = ["config.json", "results.json" if need_results or os.path.exists(
         os.path.join(logdir, "results.json")) else "metadata.json"]
     loaded = {}
@@ -425,26 +420,24 @@ def load_run(logdir: str, need_results: bool = False):
                               "run?)") from None
         except json.JSONDecodeError as error:
             raise ExportError(f"{path} is not valid JSON: {error}") from None
-    fields = {f.name for f in dataclasses.fields(experiments.RunConfig)}
-    config = experiments.RunConfig(**{k: v for k, v in loaded["config.json"].items()
-                                      if k in fields})
     results = loaded.get("results.json") or {"metadata": loaded["metadata.json"]}
-    return config, results
+    return loaded["config.json"], results
 
 
-def export_from_logdir(logdir: str, export_root: str | None = None) -> str:
-    """Rebuilds a finished run's model from `logdir`, restores its best checkpoint, exports it.
+def export_from_logdir(logdir: str, model: StnModel, hparams: HyperParameters,
+                       results: Mapping[str, Any], export_root: str | None = None) -> str:
+    """Restores a finished run's best checkpoint into a freshly built model and exports it.
 
     Args:
-      logdir: the run's folder (config.json, results.json, checkpoints/best).
+      logdir: the run's folder (checkpoints/best).
+      model, hparams: the run's model and hyperparameters, newly built (e.g. by
+        `experiments.build_model` from the run's config and metadata).
+      results: the run's results.json (`read_run(logdir, need_results=True)`).
       export_root: folder of versions; default `<logdir>/export`.
 
     Returns:
       The version folder written.
     """
-    config, results = load_run(logdir, need_results=True)
-    from stn_pipeline import experiments  # local: experiments pulls in the data pipeline
-    model, hparams = experiments.build_model(config, results.get("metadata") or {})
     input_spec = checkpoints.restore_best(logdir, model, hparams)
     metadata = export_metadata(model, hparams, input_spec, results)
     return export_model(export_root or os.path.join(logdir, EXPORT_DIR), model, hparams,

@@ -12,13 +12,14 @@ Tags (step = number of weight steps taken):
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
+
+from stn_pipeline.files import write_json  # noqa: F401 -- run.py writes its JSON through here
 
 __all__ = ["RunLogger", "write_json"]
 
@@ -66,12 +67,3 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def write_json(path: str, payload: Mapping[str, object]) -> None:
-    """Writes JSON atomically: a crash mid-write never leaves a truncated file behind."""
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(temporary, path)

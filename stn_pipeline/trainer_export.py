@@ -18,30 +18,36 @@ labels). A loaded trainer writes its state back with `tf.train.Checkpoint(traine
 from __future__ import annotations
 
 import os
+from typing import Any, Mapping
 
 import tensorflow as tf
 
 from stn_pipeline import checkpoints, export
-from stn_pipeline.trainer import StnTrainer
+from stn_pipeline.hparams import HyperParameters
+from stn_pipeline.models.base import StnModel
+from stn_pipeline.trainer import StnTrainer, TrainerConfig
 
-__all__ = ["TRAINER_EXPORT_DIR", "export_trainer", "rebuild_trainer", "save_trainer"]
+__all__ = ["TRAINER_EXPORT_DIR", "export_trainer", "new_trainer", "save_trainer"]
 
 TRAINER_EXPORT_DIR = "trainer_export"
 _SOURCES = ("latest", "best")
 
 
-def rebuild_trainer(logdir: str) -> StnTrainer:
-    """An untrained `StnTrainer` of the run in `logdir`, built from its config and metadata."""
-    from stn_pipeline import experiments  # local: experiments pulls in the data pipeline
-    config, results = export.load_run(logdir)
-    metadata = results.get("metadata") or {}
-    model, hparams = experiments.build_model(config, metadata)
+def new_trainer(model: StnModel, hparams: HyperParameters, metadata: Mapping[str, Any],
+                config: TrainerConfig) -> StnTrainer:
+    """An untrained `StnTrainer` of a run's freshly built model, with the run's input specs.
+
+    Args:
+      model, hparams: built from the run's config and metadata (`experiments.build_model`).
+      metadata: the run's metadata.json: image runs name their `image_shape`.
+      config: the run's trainer configuration.
+    """
     if "image_shape" in metadata:
         input_spec = tf.TensorSpec([None, *metadata["image_shape"]], tf.uint8)
         target_spec = tf.TensorSpec([None], tf.int64)
     else:  # relu_toy: one float input and target per example
         input_spec = target_spec = tf.TensorSpec([None, 1], tf.float32)
-    return StnTrainer(model, hparams, input_spec, target_spec, config.trainer_config())
+    return StnTrainer(model, hparams, input_spec, target_spec, config)
 
 
 def save_trainer(trainer: StnTrainer, export_root: str) -> str:
@@ -53,11 +59,13 @@ def save_trainer(trainer: StnTrainer, export_root: str) -> str:
                                                        signatures))
 
 
-def export_trainer(logdir: str, source: str = "latest", export_root: str | None = None) -> str:
+def export_trainer(logdir: str, trainer: StnTrainer, source: str = "latest",
+                   export_root: str | None = None) -> str:
     """Exports the trainer of the run in `logdir` from its latest resume checkpoint or its best.
 
     Args:
       logdir: an stn-train run (finished or not).
+      trainer: the run's trainer, newly built (`new_trainer`); its state is restored here.
       source: "latest" (the newest resume checkpoint: everything, optimizer slots included) or
         "best" (the best-validation model and hyperparameters; optimizers start fresh).
       export_root: folder of versions; default `<logdir>/trainer_export`.
@@ -67,7 +75,6 @@ def export_trainer(logdir: str, source: str = "latest", export_root: str | None 
     """
     if source not in _SOURCES:
         raise export.ExportError(f"--source must be one of {_SOURCES}, received {source!r}.")
-    trainer = rebuild_trainer(logdir)
     if source == "best":
         checkpoints.restore_best(logdir, trainer.model, trainer.hparams)
     else:

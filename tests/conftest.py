@@ -14,7 +14,9 @@ import tensorflow as tf
 from archives import unpack_archive
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CIFAR_ARCHIVE = REPO_ROOT.parent / "shared/data/cifar10_jpg_q75.tar.gz"
+# The shared copy next to the repo; $STN_CIFAR_ARCHIVE names another (e.g. from a git worktree).
+CIFAR_ARCHIVE = pathlib.Path(os.environ.get("STN_CIFAR_ARCHIVE") or
+                             REPO_ROOT.parent / "shared/data/cifar10_jpg_q75.tar.gz")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from stn_pipeline import checkpoints, experiments, export
 from stn_pipeline.hparams import HyperParameters
 from stn_pipeline.layers import (FoldedConv2D, FoldedDense, StnConv2D, StnDense, fold_layer)
 from stn_pipeline.models import CifarAlexNet, CifarCnn, alexnet_hparams, cifar_cnn_hparams
+from stn_pipeline_scripts import export as export_cli
 
 SHAPE = (24, 24, 3)
 CLASSES = ("ant", "bee", "cat", "dog", "eel")
@@ -316,16 +317,16 @@ def test_export_from_logdir_restores_the_best_checkpoint(tmp_path):
     checkpoints.save_best(str(logdir), model, hparams, SPEC)
     (logdir / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     (logdir / "results.json").write_text(json.dumps({"metadata": metadata, "trajectory": []}))
-    path = export.export_from_logdir(str(logdir))
+    path = export_cli.export_model(str(logdir))
     assert path == str(logdir / "export" / "1")
     images = _images(4)
     served = tf.saved_model.load(path).signatures["serving_default"](images=images)
     assert _relative_error(served["logits"].numpy(), _unfolded(model, hparams, images)) < 1e-5
     shutil.rmtree(logdir / "checkpoints")
     with pytest.raises(checkpoints.CheckpointError, match="no best checkpoint"):
-        export.export_from_logdir(str(logdir))
+        export_cli.export_model(str(logdir))
     with pytest.raises(export.ExportError, match="cannot read"):
-        export.export_from_logdir(str(tmp_path / "missing"))
+        export_cli.export_model(str(tmp_path / "missing"))
 
 
 def test_stn_train_run_ends_with_an_export(tmp_path):
@@ -349,3 +350,20 @@ def test_stn_train_run_ends_with_an_export(tmp_path):
         metadata = json.load(handle)
     assert metadata["schedule"] == results["trajectory"] and metadata["schedule"]
     assert metadata["training_config"]["experiment"] == "relu_toy"
+
+
+def test_export_modules_do_not_import_the_experiment_registry():
+    """Arrows one way: what export needs comes in through arguments and the run's metadata."""
+    import ast
+    import pathlib
+    package = pathlib.Path(export.__file__).parent
+    modules = sorted(p for p in package.rglob("*.py") if "export" in str(p.relative_to(package)))
+    assert len(modules) >= 2
+    for path in modules:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert "stn_pipeline.experiments" not in imported, path

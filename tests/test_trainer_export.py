@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from stn_pipeline import data, experiments, run, trainer_export
+from stn_pipeline_scripts import export as export_cli
 
 # Runs in a process that never imports stn_pipeline: 5 weight steps and 1 hyper step on the
 # saved batches, then writes the state back as a checkpoint.
@@ -57,7 +58,7 @@ def cifar_run(cifar_folder, tmp_path_factory):
 
 
 def _library_trainer(logdir):
-    trainer = trainer_export.rebuild_trainer(logdir)
+    trainer = export_cli.rebuild_trainer(logdir)
     latest = tf.train.latest_checkpoint(os.path.join(logdir, "checkpoints"))
     tf.train.Checkpoint(trainer=trainer).read(latest).expect_partial()
     return trainer
@@ -65,7 +66,7 @@ def _library_trainer(logdir):
 
 def test_reloaded_trainer_trains_like_the_library(cifar_run, tmp_path):
     logdir, arrays = cifar_run
-    export_dir = trainer_export.export_trainer(logdir, "latest")
+    export_dir = trainer_export.export_trainer(logdir, export_cli.rebuild_trainer(logdir), "latest")
     batches = str(tmp_path / "batches.npz")
     np.savez(batches, **arrays)
     written = str(tmp_path / "reloaded" / "ckpt")
@@ -81,7 +82,7 @@ def test_reloaded_trainer_trains_like_the_library(cifar_run, tmp_path):
         library.weight_step(arrays[f"images{k}"], arrays[f"labels{k}"])
     library.hyper_step(arrays["valid_images"], arrays["valid_labels"])
 
-    reloaded = trainer_export.rebuild_trainer(logdir)
+    reloaded = export_cli.rebuild_trainer(logdir)
     tf.train.Checkpoint(trainer=reloaded).read(written).assert_existing_objects_matched()
     pairs = list(zip(library.trainer_variables(), reloaded.trainer_variables()))
     assert len(pairs) > 30
