@@ -1,4 +1,5 @@
-"""Tests for stn-predict (scripts/predict.py): batch inference on an export, and its bad inputs."""
+"""Tests for stn-predict (scripts/predict.py, stn_pipeline.inference): batch inference on an
+export, and its bad inputs."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from stn_pipeline import data, export
+from stn_pipeline import data, export, inference
 from stn_pipeline.hparams import HyperParameters
 from stn_pipeline.models import CifarCnn, cifar_cnn_hparams
-from stn_pipeline_scripts import predict as predict_cli
 
 SHAPE = (40, 24, 3)  # the tiny_image_folder fixture's images
 SPEC = tf.TensorSpec([None, *SHAPE], tf.uint8)
-PredictError = predict_cli.PredictError
+PredictError = inference.PredictError
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +45,18 @@ def _decode(path):
 
 
 def _predict(**kwargs):
-    return predict_cli.predict(echo=False, **kwargs)
+    return inference.predict(**kwargs)
 
 
 def test_stn_predict_on_a_folder_matches_the_in_memory_model(served, tiny_image_folder, tmp_path):
     module, root = served
     output = tmp_path / "predictions.csv"
-    # Run stn-predict's entry point in a fresh interpreter and report whether it imported
-    # stn_pipeline (it must load the model with tf.saved_model.load alone).
+    # Run stn-predict's entry point in a fresh interpreter and report whether it imported model
+    # code (it must load the model with tf.saved_model.load alone).
     wrapper = ("import atexit, sys\n"
-               "atexit.register(lambda: print('IMPORTED_STN_PIPELINE=%s' % "
-               "('stn_pipeline' in sys.modules)))\n"
+               "model_code = ('stn_pipeline.models', 'stn_pipeline.layers', 'stn_pipeline.hparams')\n"
+               "atexit.register(lambda: print('IMPORTED_MODEL_CODE=%s' % "
+               "any(m in sys.modules for m in model_code)))\n"
                "from stn_pipeline_scripts import predict\n"
                "sys.argv = ['stn-predict'] + sys.argv[1:]\n"
                "predict.run()\n")
@@ -64,7 +65,7 @@ def test_stn_predict_on_a_folder_matches_the_in_memory_model(served, tiny_image_
          f"--dataset=folder:{tiny_image_folder.root}", "--split=test", f"--output={output}",
          "--batch_size=5"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "IMPORTED_STN_PIPELINE=False" in result.stdout
+    assert "IMPORTED_MODEL_CODE=False" in result.stdout
 
     with open(output) as handle:
         rows = list(csv.DictReader(handle))
@@ -98,8 +99,8 @@ def test_stn_predict_fails_with_one_line_and_no_output(tmp_path):
 
 def test_folder_order_is_stn_trains_max_examples_order(served, tiny_image_folder):
     """--max_examples=N takes the same first N test examples as stn-train's data pipeline."""
-    examples = predict_cli.folder_examples(f"folder:{tiny_image_folder.root}", "test",
-                                           list(tiny_image_folder.class_names), max_examples=7)
+    examples = inference.dataset_examples(f"folder:{tiny_image_folder.root}", "test",
+                                          list(tiny_image_folder.class_names), max_examples=7)
     splits = data.load_splits(f"folder:{tiny_image_folder.root}", max_examples=7)
     expected = list(splits.test.as_numpy_iterator())
     assert len(examples) == len(expected) == 7
@@ -197,7 +198,7 @@ def test_bad_file_lists_are_named(served, tmp_path, tiny_image_folder):
         _predict(saved_model=root, images=[str(tmp_path / "*.png")])
     with pytest.raises(PredictError, match="exactly one of"):
         _predict(saved_model=root)
-    with pytest.raises(PredictError, match="has no 'valid' split folder"):
+    with pytest.raises(PredictError, match="has no 'valid' subfolder"):
         _predict(saved_model=root, dataset=f"folder:{tiny_image_folder.root}", split="valid")
 
 

@@ -43,7 +43,7 @@ class Source:
 
 
 def decoded(raw: tf.data.Dataset, decode: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
-    """Decodes ``(encoded, label, name)`` triples in order to ``(image, label)``, cached in memory."""
+    """Decodes ``(encoded, label, name)`` triples, in order, to ``(image, label)``; cached."""
     return raw.map(
         lambda encoded, label, name: (decode(encoded), label),
         num_parallel_calls=tf.data.AUTOTUNE,

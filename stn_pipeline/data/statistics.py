@@ -72,8 +72,9 @@ def floored_std(std: Sequence[float], dataset: str) -> tuple[float, ...]:
     for index, value in enumerate(std):
         if value < STD_FLOOR:
             label = f"channel {index} ({names[index]})" if names else f"channel {index}"
-            logging.warning("dataset %r: %s is (nearly) constant (std %.3g < %g grey level); normalising "
-                            "it with std %g", dataset, label, value, STD_FLOOR, STD_FLOOR)
+            logging.warning("dataset %r: %s is (nearly) constant (std %.3g < %g grey level); "
+                            "normalising it with std %g", dataset, label, value, STD_FLOOR,
+                            STD_FLOOR)
         floored.append(max(float(value), STD_FLOOR))
     return tuple(floored)
 
