@@ -54,7 +54,8 @@ def test_stn_predict_on_a_folder_matches_the_in_memory_model(served, tiny_image_
     # Run stn-predict's entry point in a fresh interpreter and report whether it imported model
     # code (it must load the model with tf.saved_model.load alone).
     wrapper = ("import atexit, sys\n"
-               "model_code = ('stn_pipeline.models', 'stn_pipeline.layers', 'stn_pipeline.hparams')\n"
+               "model_code = ('stn_pipeline.models', 'stn_pipeline.layers',\n"
+               "              'stn_pipeline.hparams')\n"
                "atexit.register(lambda: print('IMPORTED_MODEL_CODE=%s' % "
                "any(m in sys.modules for m in model_code)))\n"
                "from stn_pipeline_scripts import predict\n"
