@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["DataError", "first_line"]
+import re
+
+__all__ = ["DataError", "first_line", "op_error_text"]
 
 
 class DataError(ValueError):
@@ -15,3 +17,10 @@ def first_line(text: object) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+def op_error_text(message: str) -> str:
+    """The first line of an eager TensorFlow op error without its ``{{function_node ...}}``
+    prefix and ``[Op:...]`` suffix, e.g. ``Invalid PNG data, size 300``."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", first_line(message))
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)

@@ -12,7 +12,7 @@ import pathlib
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from stn_pipeline.data.errors import DataError, first_line
+from stn_pipeline.data.errors import DataError, op_error_text
 from stn_pipeline.data.source import Source, fit_to_shape
 
 __all__ = ["FOLDER_PREFIX", "IMAGE_EXTENSIONS", "folder_files", "folder_source"]
@@ -63,7 +63,7 @@ def folder_source(spec: str) -> Source:
     try:
         first_image = tf.io.decode_image(encoded, expand_animations=False)
     except tf.errors.OpError as err:
-        raise DataError(f"cannot decode image {first_path}: {first_line(err.message)}") from None
+        raise DataError(f"cannot decode image {first_path}: {op_error_text(err.message)}") from None
     height, width, channels = (int(d) for d in first_image.shape)
     if channels not in (1, 3, 4):
         raise DataError(f"unsupported channel count {channels} in {first_path} "

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from stn_pipeline.data.errors import DataError, first_line
+from stn_pipeline.data.errors import DataError, first_line, op_error_text
 
 __all__ = ["Source", "decoded", "fit_to_shape", "num_examples", "require_decodable"]
 
@@ -78,7 +78,7 @@ def _undecodable(raw: tf.data.Dataset, source: Source, split: str) -> str | None
         except tf.errors.OpError as err:
             file = name.numpy().decode("utf-8", "replace")
             where = file or f"example {index} of the {split} split of {source.name!r}"
-            return f"cannot decode image {where}: {first_line(err.message)}"
+            return f"cannot decode image {where}: {op_error_text(err.message)}"
     return None
 
 
