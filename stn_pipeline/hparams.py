@@ -22,6 +22,8 @@ from typing import Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from stn_pipeline.seeds import stream_seed
+
 __all__ = ["BOUNDED", "DISCRETE", "POSITIVE", "HParam", "HParamSample", "HyperParameters"]
 
 tfb = tfp.bijectors
@@ -138,7 +140,7 @@ class HyperParameters(tf.Module):
         scale = [float(tfp.math.softplus_inverse(float(s.scale_init))) for s in specs]
         self.unconstrained_value = tf.Variable(init, dtype=tf.float32, name="unconstrained_value")
         self.unconstrained_scale = tf.Variable(scale, dtype=tf.float32, name="unconstrained_scale")
-        self.generator = tf.random.Generator.from_seed(seed)
+        self.generator = tf.random.Generator.from_seed(stream_seed(seed, "perturbation"))
         self._shared = tf.constant([not s.per_example for s in specs])
         self._discrete = tf.constant([s.kind == DISCRETE for s in specs])
 
