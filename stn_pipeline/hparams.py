@@ -115,6 +115,9 @@ def _replicated() -> bool:
 class HyperParameters(tf.Module):
     """Tuned hyperparameters: unconstrained values, perturbation scales and their sampler.
 
+    `seed` is the run seed: the perturbation noise draws from its own stream of it
+    (`seeds.stream_seed(seed, "perturbation")`).
+
     Variables (float32, shape [H], no batch dimension, so any batch size works):
       unconstrained_value: the tuned values, mapped to their ranges by `HParam.bijector()`.
       unconstrained_scale: sigma = softplus(unconstrained_scale) is the perturbation scale.

@@ -38,7 +38,7 @@ class TrainerConfig:
       tau: entropy weight; the hyper loss is validation loss - tau * entropy.
       tune: False freezes the hyperparameters: no perturbation in weight steps (the baseline).
       tune_scales: learn the perturbation scales in hyper steps (which are then perturbed).
-      seed: seed of the step randomness (augmentation and dropout masks).
+      seed: run seed; augmentation and dropout masks draw from its "step" stream.
     """
 
     weight_optimizer: str = "sgd"

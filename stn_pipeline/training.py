@@ -62,7 +62,7 @@ class LoopState(tf.Module):
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
         # float64: a wall-clock total over days of training would lose seconds in float32.
         self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        # Python-side bookkeeping (schedule, trajectory), serialised so it checkpoints too.
+        # Python-side bookkeeping (schedule, trajectory, history), serialised so it checkpoints too.
         self.record = tf.Variable("{}", dtype=tf.string, trainable=False, name="record")
 
     def load_record(self) -> dict:
@@ -129,8 +129,8 @@ class _Loop:
 
     def __init__(self, trainer: StnTrainer, data: RunData, config: ScheduleConfig,
                  logger: RunLogger, options: LoopOptions, checkpoints, state: LoopState):
-        self.trainer, self.data, self.config = trainer, data, config
-        self.logger, self.options, self.checkpoints, self.state = logger, options, checkpoints, state
+        self.trainer, self.data, self.config, self.logger = trainer, data, config, logger
+        self.options, self.checkpoints, self.state = options, checkpoints, state
         self.record = state.load_record()
         self.record.setdefault("initial_hparams", trainer.hparams.as_dict())
         for key in ("trajectory", "history"):

@@ -1,8 +1,6 @@
 """Tests for stn_pipeline.schedule: the original non-monotone decay, early stopping, settings that
 cannot act, and config validation. Expected decays are worked out by hand in the comments."""
 
-import dataclasses
-
 import pytest
 
 from stn_pipeline.schedule import Schedule, ScheduleConfig
@@ -111,14 +109,6 @@ def test_inactive_settings_are_named(settings, flags):
 
 def test_defaults_act_within_the_default_budget():
     assert ScheduleConfig().inactive_settings() == []
-
-
-def test_config_is_frozen_and_keyword_only():
-    config = ScheduleConfig(epochs=3)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        config.epochs = 4
-    with pytest.raises(TypeError):
-        ScheduleConfig(3)  # pylint: disable=too-many-function-args
 
 
 @pytest.mark.parametrize("field, value", [

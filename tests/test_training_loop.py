@@ -118,13 +118,15 @@ def test_no_tuning_epoch_keeps_the_final_state(tmp_path):
     assert results["val_loss"] == 2 * STEPS_PER_EPOCH  # the final state, not the initial one
 
 
-def test_loop_options_are_frozen_and_keyword_only():
-    options = LoopOptions(log_every=3)
+@pytest.mark.parametrize("config_class", [LoopOptions, ScheduleConfig])
+def test_configs_are_frozen_and_keyword_only(config_class):
+    config = config_class(epochs=3) if config_class is ScheduleConfig else config_class()
+    field = dataclasses.fields(config)[0].name
     with pytest.raises(dataclasses.FrozenInstanceError):
-        options.log_every = 4
+        setattr(config, field, 4)
     with pytest.raises(TypeError):
-        LoopOptions(3)  # pylint: disable=too-many-function-args
-    assert not hasattr(options, "nan_at_step")
+        config_class(3)  # pylint: disable=too-many-function-args
+    assert not hasattr(LoopOptions(), "nan_at_step")  # the test hook is gone
 
 
 def test_history_is_json_and_matches_the_epochs(tmp_path):
