@@ -22,6 +22,8 @@ from typing import Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from stn_pipeline.seeds import stream_seed
+
 __all__ = ["BOUNDED", "DISCRETE", "POSITIVE", "HParam", "HParamSample", "HyperParameters"]
 
 tfb = tfp.bijectors
@@ -113,6 +115,9 @@ def _replicated() -> bool:
 class HyperParameters(tf.Module):
     """Tuned hyperparameters: unconstrained values, perturbation scales and their sampler.
 
+    `seed` is the run seed: the perturbation noise draws from its own stream of it
+    (`seeds.stream_seed(seed, "perturbation")`).
+
     Variables (float32, shape [H], no batch dimension, so any batch size works):
       unconstrained_value: the tuned values, mapped to their ranges by `HParam.bijector()`.
       unconstrained_scale: sigma = softplus(unconstrained_scale) is the perturbation scale.
@@ -138,7 +143,7 @@ class HyperParameters(tf.Module):
         scale = [float(tfp.math.softplus_inverse(float(s.scale_init))) for s in specs]
         self.unconstrained_value = tf.Variable(init, dtype=tf.float32, name="unconstrained_value")
         self.unconstrained_scale = tf.Variable(scale, dtype=tf.float32, name="unconstrained_scale")
-        self.generator = tf.random.Generator.from_seed(seed)
+        self.generator = tf.random.Generator.from_seed(stream_seed(seed, "perturbation"))
         self._shared = tf.constant([not s.per_example for s in specs])
         self._discrete = tf.constant([s.kind == DISCRETE for s in specs])
 

@@ -134,6 +134,8 @@ def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool =
     the global batch; only its chief writes `logdir` (others write to a removed temp folder).
     """
     validate_config(config)
+    for message in config.schedule_config().inactive_settings():
+        logging.warning("%s.", message)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     if config.batch_size % replicas:
         raise ConfigError(f"--batch_size={config.batch_size} (the global batch) must be a "
@@ -198,8 +200,8 @@ def fit_and_record(trainer: StnTrainer, experiment: experiments.Experiment,
                    checkpoints: RunCheckpoints | None = None,
                    loop_state: LoopState | None = None) -> dict:
     """Trains and returns the results with the config and HParams summary attached."""
-    options = LoopOptions(config.log_every, config.max_steps, config.checkpoint_every,
-                          config.on_nan, config.nan_at_step)
+    options = LoopOptions(log_every=config.log_every, max_steps=config.max_steps,
+                          checkpoint_every=config.checkpoint_every, on_nan=config.on_nan)
     results = fit(trainer, experiment.data, config.schedule_config(), logger, options,
                   checkpoints, loop_state)
     results["config"] = dataclasses.asdict(config)

@@ -16,6 +16,7 @@ import tensorflow as tf
 from stn_pipeline import distribute, optimizers
 from stn_pipeline.hparams import HyperParameters
 from stn_pipeline.models.base import StnModel
+from stn_pipeline.seeds import stream_seed
 
 __all__ = ["StnTrainer", "TrainerConfig"]
 
@@ -37,7 +38,7 @@ class TrainerConfig:
       tau: entropy weight; the hyper loss is validation loss - tau * entropy.
       tune: False freezes the hyperparameters: no perturbation in weight steps (the baseline).
       tune_scales: learn the perturbation scales in hyper steps (which are then perturbed).
-      seed: seed of the step randomness (augmentation and dropout masks).
+      seed: run seed; augmentation and dropout masks draw from its "step" stream.
     """
 
     weight_optimizer: str = "sgd"
@@ -91,7 +92,7 @@ class StnTrainer(tf.Module):
                                                name="hyper_optimizer")
         self.scale_optimizer = optimizers.Adam([hparams.unconstrained_scale], config.scale_lr,
                                                name="scale_optimizer")
-        self.step_generator = tf.random.Generator.from_seed(config.seed)
+        self.step_generator = tf.random.Generator.from_seed(stream_seed(config.seed, "step"))
         self.tau = tf.Variable(float(config.tau), trainable=False, name="tau")
         # Added to the weight loss; 0 except when a test sets it to NaN to exercise the guards.
         self.loss_offset = tf.Variable(0.0, trainable=False, name="loss_offset")

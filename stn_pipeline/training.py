@@ -62,7 +62,7 @@ class LoopState(tf.Module):
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
         # float64: a wall-clock total over days of training would lose seconds in float32.
         self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        # Python-side bookkeeping (schedule, trajectory), serialised so it checkpoints too.
+        # Python-side bookkeeping (schedule, trajectory, history), serialised so it checkpoints too.
         self.record = tf.Variable("{}", dtype=tf.string, trainable=False, name="record")
 
     def load_record(self) -> dict:
@@ -72,7 +72,7 @@ class LoopState(tf.Module):
         self.record.assign(json.dumps(record))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoopOptions:
     """Side-effect settings of `fit`.
 
@@ -81,14 +81,12 @@ class LoopOptions:
       max_steps: cap on weight steps (0: none); stops mid-epoch, then evaluates.
       checkpoint_every: weight steps between checkpoints (0: only at epoch ends).
       on_nan: "stop" raises `NonFiniteError`; "skip" skips the step and counts it.
-      nan_at_step: test hook; makes the weight loss NaN at this weight step (0: never).
     """
 
     log_every: int = 50
     max_steps: int = 0
     checkpoint_every: int = 0
     on_nan: str = "stop"
-    nan_at_step: int = 0
 
 
 def _format(values: dict[str, float]) -> str:
@@ -99,10 +97,216 @@ def _scalars(outputs: dict) -> dict[str, float]:
     return {k: float(v) for k, v in outputs.items() if k not in ("hparam_values", "finite")}
 
 
+class _BestState:
+    """The best-validation state: the best checkpoint, or a copy in memory without checkpoints."""
+
+    def __init__(self, trainer: StnTrainer, checkpoints):
+        self.trainer = trainer
+        self.checkpoints = checkpoints
+        self.values = None
+
+    def save(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.save_best()
+        else:
+            self.values = [v.numpy() for v in self.trainer.state_variables()]
+
+    def restore(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.restore_best()
+            return
+        for variable, value in zip(self.trainer.state_variables(), self.values):
+            variable.assign(value)
+
+
+class _Loop:
+    """One run of `fit`: epochs of cycles, each epoch closed by evaluation and bookkeeping.
+
+    The record (a JSON dict checkpointed in `LoopState.record`) holds what is not a variable:
+    initial hyperparameters, the trajectory, the per-epoch history, the schedule state and the
+    stop reason.
+    """
+
+    def __init__(self, trainer: StnTrainer, data: RunData, config: ScheduleConfig,
+                 logger: RunLogger, options: LoopOptions, checkpoints, state: LoopState):
+        self.trainer, self.data, self.config, self.logger = trainer, data, config, logger
+        self.options, self.checkpoints, self.state = options, checkpoints, state
+        self.record = state.load_record()
+        self.record.setdefault("initial_hparams", trainer.hparams.as_dict())
+        for key in ("trajectory", "history"):
+            self.record.setdefault(key, [])
+        self.schedule = Schedule(config, **self.record.get("schedule", {}))
+        self.best = _BestState(trainer, checkpoints)
+        self.tuning = trainer.config.tune and config.hyper_steps > 0
+        self.step, self.hyper_steps = int(state.step.numpy()), int(state.hyper_steps.numpy())
+        self.epoch = int(state.epoch.numpy())
+        # Under a strategy, `distribute` cuts each global batch into per-replica pieces.
+        self.train_batches = iter(trainer.distribute(data.train.skip(self.step)))
+        self.hyper_batches = iter(trainer.distribute(data.hyper.skip(self.hyper_steps)))
+        self.start, self.start_step = time.time(), self.step
+        self.total_steps = config.epochs * data.steps_per_epoch
+        if options.max_steps:
+            self.total_steps = min(self.total_steps, options.max_steps)
+
+    def save_record(self) -> None:
+        self.record["schedule"] = {"val_losses": self.schedule.val_losses,
+                                   "best_epoch": self.schedule.best_epoch}
+        self.state.save_record(self.record)
+        self.state.step.assign(self.step)
+        self.state.hyper_steps.assign(self.hyper_steps)
+
+    def check(self, outputs: dict, what: str) -> None:
+        """Raises or counts a step whose loss or gradients were not finite."""
+        if bool(outputs["finite"]):
+            return
+        if self.options.on_nan == "stop":
+            raise NonFiniteError(
+                f"non-finite {what} loss or gradient at weight step {self.step} (loss="
+                f"{float(outputs['loss'])}); stopped without applying it. The last checkpoint is "
+                "intact; rerun with --on_nan=skip to skip such steps.")
+        self.state.skipped.assign_add(1)
+        self.logger.scalars(self.step, {"skipped_nonfinite_steps": int(self.state.skipped.numpy())},
+                            "train/")
+
+    def run_epoch(self) -> str:
+        """Trains one epoch (warm-up or tuning) and closes it; returns the stop reason or ""."""
+        epoch_start = time.time()
+        learning_rate = float(self.trainer.weight_optimizer.learning_rate.numpy())
+        hyper_now = self.tuning and self.epoch >= self.config.warmup_epochs
+        weight_out = None
+        while self.step < min((self.epoch + 1) * self.data.steps_per_epoch, self.total_steps):
+            weight_out = self.cycle_step(hyper_now)
+        self.state.train_seconds.assign_add(time.time() - epoch_start)
+        return self.end_epoch(learning_rate, weight_out, epoch_start)
+
+    def cycle_step(self, hyper_now: bool) -> dict:
+        """One weight step, the cycle's hyper steps when it completes a cycle, logs, checkpoint."""
+        weight_out = self.trainer.weight_step(*next(self.train_batches))
+        self.step += 1
+        self.check(weight_out, "weight-step")
+        at_cycle_end = self.step % self.config.train_steps == 0
+        hyper_out = self.hyper_cycle() if hyper_now and at_cycle_end else None
+        if self.step % self.options.log_every == 0 or self.step == self.total_steps:
+            self.log_step(weight_out, hyper_out)
+        every = self.options.checkpoint_every
+        if self.checkpoints is not None and every and at_cycle_end and self.step % every == 0:
+            self.save_record()
+            self.checkpoints.save(self.step)
+        return weight_out
+
+    def hyper_cycle(self) -> dict:
+        """The hyper steps of one cycle; returns the last one's outputs."""
+        for _ in range(self.config.hyper_steps):
+            hyper_out = self.trainer.hyper_step(*next(self.hyper_batches))
+            self.hyper_steps += 1
+            self.check(hyper_out, "hyper-step")
+        hparams = self.trainer.hparams
+        if not tf.reduce_all(tf.math.is_finite(hparams.constrained())):
+            raise NonFiniteError(f"non-finite hyperparameters {hparams.as_dict()} after the "
+                                 f"hyper step at weight step {self.step}.")
+        return hyper_out
+
+    def log_step(self, weight_out: dict, hyper_out: dict | None) -> None:
+        """Summaries of the latest steps and a progress line."""
+        hparams = self.trainer.hparams
+        _log_step(self.logger, hparams, self.step, weight_out, hyper_out,
+                  self.record["trajectory"])
+        elapsed = time.time() - self.start
+        done = self.step - self.start_step
+        rate = done * self.data.batch_size / max(elapsed, 1e-9)
+        eta = (self.total_steps - self.step) * elapsed / max(done, 1)
+        logging.info("step %d/%d epoch %d %s | %s | %.0f img/s, ETA %.0fs", self.step,
+                     self.total_steps, self.epoch + 1, _format(_scalars(weight_out)),
+                     _format(hparams.as_dict()), rate, eta)
+
+    def end_epoch(self, learning_rate: float, weight_out: dict | None, epoch_start: float) -> str:
+        """Evaluates, feeds a tuning epoch to the schedule, logs, records and checkpoints.
+
+        `learning_rate` is the rate used during the epoch; a decay acts from the next one.
+        """
+        metrics = {f"val_{k}": v for k, v in self.trainer.evaluate_dataset(self.data.valid).items()}
+        phase = "warmup" if self.epoch < self.config.warmup_epochs else "tune"
+        improved = False
+        if phase == "tune":
+            improved, new_lr = self.schedule.end_epoch(metrics["val_loss"], learning_rate)
+            if new_lr != learning_rate:
+                self.trainer.weight_optimizer.learning_rate.assign(new_lr)
+                logging.info("epoch %d: learning rate decayed to %.2e", self.epoch + 1, new_lr)
+            if improved:
+                self.best.save()
+        self.record["history"].append({"epoch": self.epoch + 1, "phase": phase,
+                                       "learning_rate": learning_rate, **metrics})
+        self.logger.scalars(self.step, {**metrics, "learning_rate": learning_rate}, "epoch/")
+        hparams = self.trainer.hparams
+        if weight_out is not None:
+            self.logger.hparam_histograms(self.step, hparams.names,
+                                          weight_out["hparam_values"].numpy(),
+                                          prefix="epoch_hparam_sample/")
+        self.logger.flush()
+        logging.info("epoch %d (%s) done in %.1fs: %s%s | %s", self.epoch + 1, phase,
+                     time.time() - epoch_start, _format(metrics), " (best)" if improved else "",
+                     _format(hparams.as_dict()))
+        self.epoch += 1
+        self.record["stop_reason"] = self.stop_reason()
+        self.state.epoch.assign(self.epoch)
+        self.save_record()
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.step)
+        return self.record["stop_reason"]
+
+    def stop_reason(self) -> str:
+        if self.schedule.stop_reason:
+            return self.schedule.stop_reason
+        if self.epoch >= self.config.epochs:
+            return f"reached --epochs={self.config.epochs}"
+        if self.step >= self.total_steps:
+            return f"reached the step cap of {self.total_steps} weight steps"
+        return ""
+
+    def results(self) -> dict:
+        """Restores the best state (if a tuning epoch ran) and returns the results dict."""
+        tuned_epochs = [entry["epoch"] for entry in self.record["history"]
+                        if entry["phase"] == "tune"]
+        best_epoch = None
+        if self.schedule.best_epoch >= 0:
+            self.best.restore()
+            best_epoch = tuned_epochs[self.schedule.best_epoch]
+        else:
+            logging.warning("no tuning epoch ran: the results are those of the final state.")
+        trainer, state = self.trainer, self.state
+        results = {f"val_{k}": v for k, v in trainer.evaluate_dataset(self.data.valid).items()}
+        if self.data.test is not None:
+            test_metrics = trainer.evaluate_dataset(self.data.test)
+            results.update({f"test_{k}": v for k, v in test_metrics.items()})
+            self.logger.scalars(self.step, test_metrics, "epoch/test_")
+        train_seconds = float(state.train_seconds.numpy())
+        hparams = trainer.hparams
+        results.update({
+            "best_epoch": best_epoch,
+            "epochs_run": len(self.record["history"]),
+            "stop_reason": self.record.get("stop_reason", ""),
+            "weight_steps": self.step,
+            "hyper_steps": self.hyper_steps,
+            "skipped_nonfinite_steps": int(state.skipped.numpy()),
+            "initial_hparams": self.record["initial_hparams"],
+            "final_hparams": hparams.as_dict(),
+            "final_scales": dict(zip(hparams.names, hparams.scale().numpy().tolist())),
+            "trajectory": self.record["trajectory"],
+            "history": self.record["history"],
+            "wall_time_s": time.time() - self.start,
+            "train_images_per_s": self.step * self.data.batch_size / max(train_seconds, 1e-9),
+        })
+        self.logger.flush()
+        return results
+
+
 def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, logger: RunLogger,
         options: LoopOptions = LoopOptions(), checkpoints=None, loop_state: LoopState | None = None,
         on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
     """Trains until the schedule stops, then restores the best-validation state.
+
+    Warm-up epochs are evaluated and logged but stay outside the schedule: the best state, the
+    learning-rate decay and patience only see tuning epochs, in tuned and frozen runs alike.
 
     Args:
       trainer: the compiled steps.
@@ -113,151 +317,28 @@ def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, log
       checkpoints: a `checkpoints.RunCheckpoints` (or None: nothing is saved, best state kept in
         memory); `loop_state` must be the one it saves. It has been restored already on resume.
       loop_state: the loop's progress; a new one starts from scratch.
-      on_epoch_end: optional callback(epoch, epoch_metrics).
+      on_epoch_end: optional callback(epoch, entry) with the epoch's history entry.
 
     Returns:
-      A results dict: best validation/test metrics, initial/final hyperparameters, the
-      hyperparameter trajectory, timings.
+      A results dict: best validation/test metrics, `best_epoch` (counted from 1 at the start of
+      the run; None if no tuning epoch ran), initial/final hyperparameters, the hyperparameter
+      trajectory, the per-epoch `history` (phase, validation metrics, learning rate), timings.
 
     Raises:
       NonFiniteError: with `on_nan="stop"`, naming the step and the quantity.
     """
     if options.on_nan not in ON_NAN_MODES:
         raise ValueError(f"on_nan must be one of {ON_NAN_MODES}, received {options.on_nan!r}.")
-    hparams = trainer.hparams
-    state = loop_state or LoopState()
-    record = state.load_record()
-    record.setdefault("initial_hparams", hparams.as_dict())
-    record.setdefault("trajectory", [])
-    schedule = Schedule(schedule_config, record.get("val_losses", []),
-                        record.get("best_epoch", -1))
-    tuning = trainer.config.tune and schedule_config.hyper_steps > 0
-    best_state = [v.numpy() for v in trainer.state_variables()]
-    step, hyper_steps = int(state.step.numpy()), int(state.hyper_steps.numpy())
-    first_epoch = int(state.epoch.numpy())
-    # Under a strategy, `distribute` cuts each global batch into per-replica pieces.
-    train_batches = iter(trainer.distribute(data.train.skip(step)))
-    hyper_batches = iter(trainer.distribute(data.hyper.skip(hyper_steps)))
-    start, start_step = time.time(), step
-    total_steps = schedule_config.epochs * data.steps_per_epoch
-    if options.max_steps:
-        total_steps = min(total_steps, options.max_steps)
-    if step:
-        logging.info("resuming at weight step %d (epoch %d)", step, first_epoch + 1)
-
-    def save_record():
-        record.update(val_losses=schedule.val_losses, best_epoch=schedule.best_epoch)
-        state.save_record(record)
-        state.step.assign(step)
-        state.hyper_steps.assign(hyper_steps)
-
-    def check(outputs, what):
-        if bool(outputs["finite"]):
-            return
-        if options.on_nan == "stop":
-            raise NonFiniteError(
-                f"non-finite {what} loss or gradient at weight step {step} (loss="
-                f"{float(outputs['loss'])}); stopped without applying it. The last checkpoint is "
-                "intact; rerun with --on_nan=skip to skip such steps.")
-        state.skipped.assign_add(1)
-        logger.scalars(step, {"skipped_nonfinite_steps": int(state.skipped.numpy())}, "train/")
-
-    stop_reason = record.get("stop_reason", "")
-    epoch = first_epoch
-    weight_out = None
-    while not stop_reason and epoch < schedule_config.epochs:
-        epoch_start = time.time()
-        hyper_now = tuning and epoch >= schedule_config.warmup_epochs
-        while step < min((epoch + 1) * data.steps_per_epoch, total_steps):
-            if options.nan_at_step and step + 1 == options.nan_at_step:
-                trainer.loss_offset.assign(float("nan"))
-            weight_out = trainer.weight_step(*next(train_batches))
-            trainer.loss_offset.assign(0.0)
-            step += 1
-            check(weight_out, "weight-step")
-            hyper_out = None
-            if hyper_now and step % schedule_config.train_steps == 0:
-                for _ in range(schedule_config.hyper_steps):
-                    hyper_out = trainer.hyper_step(*next(hyper_batches))
-                    hyper_steps += 1
-                    check(hyper_out, "hyper-step")
-                values = hparams.constrained().numpy()
-                if not tf.reduce_all(tf.math.is_finite(values)):
-                    raise NonFiniteError(f"non-finite hyperparameters {hparams.as_dict()} after "
-                                         f"the hyper step at weight step {step}.")
-            if step % options.log_every == 0 or step == total_steps:
-                _log_step(logger, hparams, step, weight_out, hyper_out, record["trajectory"])
-                elapsed = time.time() - start
-                rate = (step - start_step) * data.batch_size / max(elapsed, 1e-9)
-                eta = (total_steps - step) * elapsed / max(step - start_step, 1)
-                logging.info("step %d/%d epoch %d %s | %s | %.0f img/s, ETA %.0fs", step,
-                             total_steps, epoch + 1, _format(_scalars(weight_out)),
-                             _format(hparams.as_dict()), rate, eta)
-            at_cycle_end = step % schedule_config.train_steps == 0  # hyper steps done too
-            if (checkpoints is not None and options.checkpoint_every and at_cycle_end
-                    and step % options.checkpoint_every == 0):
-                save_record()
-                checkpoints.save(step)
-        state.train_seconds.assign_add(time.time() - epoch_start)
-        epoch_metrics = {f"val_{k}": v for k, v in trainer.evaluate_dataset(data.valid).items()}
-        learning_rate = float(trainer.weight_optimizer.learning_rate.numpy())
-        improved, new_lr = schedule.end_epoch(epoch_metrics["val_loss"], learning_rate)
-        if new_lr != learning_rate:
-            trainer.weight_optimizer.learning_rate.assign(new_lr)
-            logging.info("epoch %d: learning rate decayed to %.2e", epoch + 1, new_lr)
-        if improved:
-            if checkpoints is not None:
-                checkpoints.save_best()
-            else:
-                best_state = [v.numpy() for v in trainer.state_variables()]
-        logger.scalars(step, {**epoch_metrics, "learning_rate": learning_rate}, "epoch/")
-        if weight_out is not None:
-            logger.hparam_histograms(step, hparams.names, weight_out["hparam_values"].numpy(),
-                                     prefix="epoch_hparam_sample/")
-        logger.flush()
-        logging.info("epoch %d done in %.1fs: %s%s | %s", epoch + 1, time.time() - epoch_start,
-                     _format(epoch_metrics), " (best)" if improved else "",
-                     _format(hparams.as_dict()))
-        epoch += 1
+    loop = _Loop(trainer, data, schedule_config, logger, options, checkpoints,
+                 loop_state or LoopState())
+    if loop.step:
+        logging.info("resuming at weight step %d (epoch %d)", loop.step, loop.epoch + 1)
+    stop_reason = loop.record.get("stop_reason", "")
+    while not stop_reason and loop.epoch < schedule_config.epochs:
+        stop_reason = loop.run_epoch()
         if on_epoch_end is not None:
-            on_epoch_end(epoch - 1, epoch_metrics)
-        stop_reason = schedule.stop_reason
-        if step >= total_steps and not stop_reason:
-            stop_reason = f"reached the step cap of {total_steps} weight steps"
-        record["stop_reason"] = stop_reason
-        state.epoch.assign(epoch)
-        save_record()
-        if checkpoints is not None:
-            checkpoints.save(step)
-
-    if checkpoints is not None:
-        checkpoints.restore_best()
-    else:
-        for variable, value in zip(trainer.state_variables(), best_state):
-            variable.assign(value)
-    results = {f"val_{k}": v for k, v in trainer.evaluate_dataset(data.valid).items()}
-    if data.test is not None:
-        test_metrics = trainer.evaluate_dataset(data.test)
-        results.update({f"test_{k}": v for k, v in test_metrics.items()})
-        logger.scalars(step, test_metrics, "epoch/test_")
-    train_seconds = float(state.train_seconds.numpy())
-    results.update({
-        "best_epoch": schedule.best_epoch + 1,
-        "epochs_run": len(schedule.val_losses),
-        "stop_reason": stop_reason,
-        "weight_steps": step,
-        "hyper_steps": hyper_steps,
-        "skipped_nonfinite_steps": int(state.skipped.numpy()),
-        "initial_hparams": record["initial_hparams"],
-        "final_hparams": hparams.as_dict(),
-        "final_scales": dict(zip(hparams.names, hparams.scale().numpy().tolist())),
-        "trajectory": record["trajectory"],
-        "wall_time_s": time.time() - start,
-        "train_images_per_s": step * data.batch_size / max(train_seconds, 1e-9),
-        "epoch_val_losses": schedule.val_losses,
-    })
-    logger.flush()
-    return results
+            on_epoch_end(loop.epoch - 1, loop.record["history"][-1])
+    return loop.results()
 
 
 def _log_step(logger: RunLogger, hparams, step: int, weight_out: dict, hyper_out: dict | None,

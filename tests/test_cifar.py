@@ -48,6 +48,8 @@ def test_alexnet_matches_the_papers_parameter_count():
 def test_models_run_on_any_image_shape(shape):
     for model_class, specs in ((CifarCnn, cifar_cnn_hparams()), (CifarAlexNet, alexnet_hparams())):
         kwargs = {"fc_width": 32} if model_class is CifarAlexNet else {}
+        if shape[-1] != 3:  # saturation and hue act on RGB only (the model refuses them)
+            specs = [s for s in specs if s.name not in ("saturation", "hue")]
         model = model_class(shape, 7, MEAN[:shape[-1]], STD[:shape[-1]], specs, **kwargs)
         hparams = HyperParameters(specs)
         images = tf.zeros([5, *shape], tf.uint8)

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from stn_pipeline.hparams import BOUNDED, DISCRETE, POSITIVE, HParam, HParamSample, HyperParameters
+from stn_pipeline.layers import StnDense
 
 
 def _softplus(x):
@@ -120,6 +121,47 @@ def test_discrete_values_are_integers_but_hnet_input_is_not_floored():
     assert np.all((holes == np.floor(raw)) | near_integer)
     # Continuous columns are not floored.
     assert np.mean(values[:, 0] != np.round(values[:, 0])) > 0.99
+
+
+def _gradients_through_values_and_gates(gate_std):
+    """d loss / d unconstrained_value, in total and with the values' path stopped (gates only).
+
+    The loss uses the values of `dropout` (continuous) and `holes` (discrete) as factors, and
+    every column through the gates of one StnDense layer.
+    """
+    hparams = _three_kinds()
+    layer = StnDense(2, 1, hparams.size, seed=0)
+    layer.gate_kernel.assign(tf.random.stateless_normal(layer.gate_kernel.shape, [1, 2]) * gate_std)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(16, 2)), tf.float32)
+    y = tf.constant(rng.normal(size=16), tf.float32)
+
+    def loss(sample):
+        outputs = layer(x, sample.hnet_input)[:, 0] * (1.0 + sample["dropout"] + sample["holes"])
+        return tf.reduce_mean(tf.square(outputs - y))
+
+    with tf.GradientTape(persistent=True) as tape:
+        sample = hparams.sample(16)
+        total = loss(sample)
+        gates_only = loss(HParamSample(sample.names, tf.stop_gradient(sample.values),
+                                       sample.hnet_input))
+    return (tape.gradient(total, hparams.unconstrained_value).numpy(),
+            tape.gradient(gates_only, hparams.unconstrained_value).numpy())
+
+
+def test_a_discrete_hyperparameter_learns_only_through_the_gates():
+    total, gates_only = _gradients_through_values_and_gates(gate_std=0.5)
+    holes = 2
+    assert gates_only[holes] != 0.0
+    assert total[holes] == pytest.approx(gates_only[holes], rel=1e-6, abs=1e-9)
+    # The comparison can tell: the continuous dropout also reaches the loss through its value.
+    assert abs(total[0] - gates_only[0]) > 1e-3 * abs(total[0])
+
+
+def test_without_gates_a_discrete_hyperparameter_gets_no_gradient():
+    total, gates_only = _gradients_through_values_and_gates(gate_std=0.0)
+    assert total[2] == 0.0 and gates_only[2] == 0.0
+    assert total[0] != 0.0  # the continuous one still does, through its value
 
 
 # --------------------------------------------------------------------------------- validation

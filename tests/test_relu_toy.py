@@ -8,15 +8,20 @@ import pytest
 import tensorflow as tf
 
 from stn_pipeline import experiments, run
-from stn_pipeline.hparams import POSITIVE, HyperParameters
+from stn_pipeline.hparams import HyperParameters
 from stn_pipeline.models.relu_toy import ReluToy, input_range_hparam
 
 
-def test_input_range_hparam_is_a_positive_half_width():
-    spec = input_range_hparam(1.5, scale_init=0.2)
-    assert spec.name == "input_range"
-    assert spec.kind == POSITIVE and spec.minimum == 0.0 and spec.maximum is None
-    assert spec.init == 1.5 and spec.scale_init == 0.2
+def test_input_range_starts_at_its_init_and_stays_positive():
+    hparams = HyperParameters([input_range_hparam(1.5, scale_init=0.2)], seed=0)
+    assert hparams.as_dict()["input_range"] == pytest.approx(1.5, rel=1e-5)
+    np.testing.assert_allclose(hparams.scale().numpy(), [0.2], rtol=1e-5)
+    # r = softplus(unconstrained): positive however far the perturbation pushes it.
+    unconstrained = np.array([[-50.0], [-5.0], [0.0], [5.0]], np.float32)
+    values = hparams.to_constrained(unconstrained).numpy()[:, 0]
+    assert np.all(values > 0.0)
+    np.testing.assert_allclose(values, np.log1p(np.exp(unconstrained[:, 0].astype(np.float64))),
+                               rtol=1e-5)
 
 
 def test_augment_stretches_each_example_by_its_own_range():
@@ -52,8 +57,6 @@ def test_relu_toy_forward_matches_numpy():
             a = np.maximum(a, 0.0)
     assert out.shape == (7, 1)
     np.testing.assert_allclose(out, a, rtol=1e-4, atol=1e-5)
-    assert len(model.hidden) == 2 and model.hidden[0].input_size == 1
-    assert model.head.output_size == 1
 
 
 @pytest.mark.parametrize("depth, width", [(0, 8), (2, 0)])

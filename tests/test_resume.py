@@ -72,6 +72,8 @@ def test_killed_run_resumes_bitwise(tmp_path):
         results_a, results_b = json.load(fa), json.load(fb)
     assert results_a["final_hparams"] == results_b["final_hparams"]
     assert results_a["trajectory"] == results_b["trajectory"]
+    assert results_a["history"] == results_b["history"]  # epoch records survive the kill
+    assert results_a["best_epoch"] == results_b["best_epoch"]
     # TensorBoard's reader sees each step once, in order, across both processes' event files.
     steps_a = [e.step for e in _scalar_events(a, "hparam/input_range")]
     steps_b = [e.step for e in _scalar_events(b, "hparam/input_range")]

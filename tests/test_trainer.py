@@ -138,8 +138,12 @@ def test_hyper_step_changes_hparams_but_no_model_weight():
     out = trainer.hyper_step(*_batch(32, seed=1))
     for key in ("loss", "hyper_loss", "entropy", "accuracy"):
         assert key in out and np.isfinite(float(out[key]))
-    assert float(out["hyper_loss"]) == pytest.approx(
-        float(out["loss"]) - 1e-3 * float(out["entropy"]), abs=1e-5)
+    # Gaussian entropy of the perturbation, in NumPy from the scales before the step.
+    sigma = np.log1p(np.exp(hparams_before[1].astype(np.float64)))
+    entropy = np.sum(np.log(sigma * np.sqrt(2.0 * np.pi * np.e)))
+    assert float(out["entropy"]) == pytest.approx(entropy, rel=1e-5)
+    assert float(out["hyper_loss"]) == pytest.approx(float(out["loss"]) - 1e-3 * entropy,
+                                                     abs=1e-6)
     trainer.hyper_step(*_batch(32, seed=2))
     for variable, before in zip(model_vars, model_before):
         np.testing.assert_array_equal(variable.numpy(), before, err_msg=variable.name)

@@ -13,22 +13,22 @@ import tensorflow as tf
 
 from stn_pipeline.hparams import HParam, HParamSample
 from stn_pipeline.layers import StnConv2D, StnDense, dropout
-from stn_pipeline.models.image import (StnImageClassifier, augmentation_hparams, dropout_hparam,
-                                       max_cutout_holes)
+from stn_pipeline.models.image import StnImageClassifier, augmentation_hparams, dropout_hparam
 
 __all__ = ["CifarAlexNet", "alexnet_hparams"]
 
 _CONVS = ((64, 2), (192, 1), (384, 1), (256, 1), (256, 1))  # (filters, stride)
 _POOL_AFTER = (0, 1, 4)
+_DROPOUTS = tuple(f"dropout{i}" for i in range(len(_CONVS))) + ("fc_dropout0", "fc_dropout1")
 _AUGMENTATIONS = ("hue", "contrast", "saturation", "brightness", "input_dropout", "input_scale",
                   "cutout_length", "cutout_holes")
 
 
 def alexnet_hparams() -> list[HParam]:
     """The 15 hyperparameters of the paper, in ORIG's order, with its ranges and inits."""
-    return ([dropout_hparam(f"dropout{i}") for i in range(len(_CONVS))]
+    return ([dropout_hparam(name) for name in _DROPOUTS[:-2]]
             + augmentation_hparams(_AUGMENTATIONS)
-            + [dropout_hparam("fc_dropout0"), dropout_hparam("fc_dropout1")])
+            + [dropout_hparam(name) for name in _DROPOUTS[-2:]])
 
 
 class CifarAlexNet(StnImageClassifier):
@@ -37,10 +37,9 @@ class CifarAlexNet(StnImageClassifier):
     def __init__(self, image_shape: Sequence[int], num_classes: int, mean: Sequence[float],
                  std: Sequence[float], hparams: Sequence[HParam], seed: int = 0,
                  fc_width: int = 4096, name: str | None = None):
-        names = [spec.name for spec in hparams]
-        super().__init__(image_shape, mean, std, names, max_cutout_holes(hparams), name=name)
+        super().__init__(image_shape, mean, std, hparams, _DROPOUTS, name=name)
         height, width, channels = self.image_shape
-        num_hparams = len(names)
+        num_hparams = len(hparams)
         self.convs = []
         for index, (filters, stride) in enumerate(_CONVS):
             self.convs.append(StnConv2D(channels, filters, 3, num_hparams, stride=stride,

@@ -17,12 +17,12 @@ from stn_pipeline.models.image import StnImageClassifier, augmentation_hparams, 
 __all__ = ["CifarCnn", "cifar_cnn_hparams"]
 
 _FILTERS = (32, 64, 64)
+_DROPOUTS = tuple(f"dropout{i}" for i in range(len(_FILTERS)))
 
 
 def cifar_cnn_hparams() -> list[HParam]:
     """dropout0..2 after the conv blocks, and pixel_drop on the input."""
-    return [dropout_hparam(f"dropout{i}") for i in range(len(_FILTERS))] + \
-        augmentation_hparams(["pixel_drop"])
+    return [dropout_hparam(name) for name in _DROPOUTS] + augmentation_hparams(["pixel_drop"])
 
 
 class CifarCnn(StnImageClassifier):
@@ -31,7 +31,7 @@ class CifarCnn(StnImageClassifier):
     def __init__(self, image_shape: Sequence[int], num_classes: int, mean: Sequence[float],
                  std: Sequence[float], hparams: Sequence[HParam], seed: int = 0,
                  name: str | None = None):
-        super().__init__(image_shape, mean, std, [spec.name for spec in hparams], name=name)
+        super().__init__(image_shape, mean, std, hparams, _DROPOUTS, name=name)
         height, width, channels = self.image_shape
         num_hparams = len(hparams)
         self.convs = []

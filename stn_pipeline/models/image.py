@@ -55,11 +55,15 @@ def augmentation_hparams(names: Sequence[str]) -> list[HParam]:
 class StnImageClassifier(StnClassifier):
     """Base of image classifiers: takes raw uint8 [B, H, W, C] images.
 
-    Subclasses implement `__call__(normalised_images, sample, training, seed)`.
+    Subclasses implement `__call__(normalised_images, sample, training, seed)` and name the
+    hyperparameters their network applies (`network_hparams`). Every declared hyperparameter
+    must act: on the network, or on the data as one of `AUGMENTATION_HPARAMS`; construction
+    fails otherwise, naming it.
     """
 
     def __init__(self, image_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 hparam_names: Sequence[str], max_cutout_holes: int = 0, name: str | None = None):
+                 hparams: Sequence[HParam], network_hparams: Sequence[str] = (),
+                 name: str | None = None):
         super().__init__(name=name)
         if len(image_shape) != 3 or len(mean) != image_shape[-1] or len(std) != image_shape[-1]:
             raise ValueError(f"{type(self).__name__}: image_shape must be (H, W, C) with C means "
@@ -67,8 +71,9 @@ class StnImageClassifier(StnClassifier):
         self.image_shape = tuple(int(d) for d in image_shape)
         self.mean = tf.constant(mean, tf.float32)
         self.std = tf.constant(std, tf.float32)
-        self.hparam_names = tuple(hparam_names)
-        self.max_cutout_holes = max_cutout_holes
+        self.hparam_names = tuple(spec.name for spec in hparams)
+        _check_hparams(type(self).__name__, hparams, network_hparams, self.image_shape[-1])
+        self.max_cutout_holes = max_cutout_holes(hparams)
 
     def preprocess(self, inputs: tf.Tensor) -> tf.Tensor:
         """uint8 images -> per-channel standardised float32."""
@@ -82,7 +87,7 @@ class StnImageClassifier(StnClassifier):
             strength = lambda n: sample[n] if has(n) else tf.zeros_like(sample.values[:, 0])  # noqa: E731
             images = augment.color_jitter(images, *[strength(n) for n in _JITTER], seeds[0])
         images = (images * 255.0 - self.mean) / self.std
-        if has("cutout_length") and has("cutout_holes"):
+        if has("cutout_length"):  # cutout_holes too: the constructor checks it
             images = augment.cutout(images, sample["cutout_length"], sample["cutout_holes"],
                                     self.max_cutout_holes, seeds[1])
         if has("input_dropout"):
@@ -94,10 +99,32 @@ class StnImageClassifier(StnClassifier):
         return images, targets
 
 
-
 def max_cutout_holes(specs: Sequence[HParam]) -> int:
     """The most cutout holes the declared range allows: floor of values < maximum."""
     for spec in specs:
         if spec.name == "cutout_holes":
             return math.ceil(spec.maximum) - 1
     return 0
+
+
+def _check_hparams(model: str, specs: Sequence[HParam], network_hparams: Sequence[str],
+                   channels: int) -> None:
+    """Raises ValueError, naming it, for a hyperparameter that would silently act on nothing."""
+    names = [spec.name for spec in specs]
+    missing = [n for n in network_hparams if n not in names]
+    if missing:
+        raise ValueError(f"{model}: its network applies hyperparameters {missing}; declare them.")
+    idle = [n for n in names if n not in network_hparams and n not in AUGMENTATION_HPARAMS]
+    if idle:
+        raise ValueError(f"{model}: hyperparameters {idle} act on nothing: its network applies "
+                         f"{list(network_hparams)}, the data {sorted(AUGMENTATION_HPARAMS)}.")
+    cutout = [n for n in ("cutout_length", "cutout_holes") if n in names]
+    if len(cutout) == 1:
+        raise ValueError(f"{model}: {cutout[0]} needs cutout_length and cutout_holes declared "
+                         "together (cutout cuts holes of a length).")
+    if cutout and max_cutout_holes(specs) < 1:
+        raise ValueError(f"{model}: cutout_holes needs a maximum above 1, or no hole is ever cut.")
+    colour_only = [n for n in ("saturation", "hue") if n in names]
+    if colour_only and channels != 3:
+        raise ValueError(f"{model}: hyperparameters {colour_only} act on 3-channel (RGB) images "
+                         f"only; these images have {channels} channel(s).")
