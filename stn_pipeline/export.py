@@ -32,7 +32,6 @@ MacKay et al., Self-Tuning Networks, ICLR 2019, https://arxiv.org/abs/1903.03088
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -425,9 +424,7 @@ def load_run(logdir: str, need_results: bool = False):
                               "run?)") from None
         except json.JSONDecodeError as error:
             raise ExportError(f"{path} is not valid JSON: {error}") from None
-    fields = {f.name for f in dataclasses.fields(experiments.RunConfig)}
-    config = experiments.RunConfig(**{k: v for k, v in loaded["config.json"].items()
-                                      if k in fields})
+    config = experiments.RunConfig.from_dict(loaded["config.json"])
     results = loaded.get("results.json") or {"metadata": loaded["metadata.json"]}
     return config, results
 

@@ -41,7 +41,7 @@ def rebuild_trainer(logdir: str) -> StnTrainer:
         target_spec = tf.TensorSpec([None], tf.int64)
     else:  # relu_toy: one float input and target per example
         input_spec = target_spec = tf.TensorSpec([None, 1], tf.float32)
-    return StnTrainer(model, hparams, input_spec, target_spec, config.trainer_config())
+    return StnTrainer(model, hparams, input_spec, target_spec, config.trainer, seed=config.seed)
 
 
 def save_trainer(trainer: StnTrainer, export_root: str) -> str:

@@ -81,14 +81,12 @@ class LoopOptions:
       max_steps: cap on weight steps (0: none); stops mid-epoch, then evaluates.
       checkpoint_every: weight steps between checkpoints (0: only at epoch ends).
       on_nan: "stop" raises `NonFiniteError`; "skip" skips the step and counts it.
-      nan_at_step: test hook; makes the weight loss NaN at this weight step (0: never).
     """
 
     log_every: int = 50
     max_steps: int = 0
     checkpoint_every: int = 0
     on_nan: str = "stop"
-    nan_at_step: int = 0
 
 
 def _format(values: dict[str, float]) -> str:
@@ -169,10 +167,7 @@ def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, log
         epoch_start = time.time()
         hyper_now = tuning and epoch >= schedule_config.warmup_epochs
         while step < min((epoch + 1) * data.steps_per_epoch, total_steps):
-            if options.nan_at_step and step + 1 == options.nan_at_step:
-                trainer.loss_offset.assign(float("nan"))
             weight_out = trainer.weight_step(*next(train_batches))
-            trainer.loss_offset.assign(0.0)
             step += 1
             check(weight_out, "weight-step")
             hyper_out = None
