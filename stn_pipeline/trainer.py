@@ -36,10 +36,20 @@ def _all_finite(tensors) -> tf.Tensor:
 
 
 def _global_sum(value):
-    """Sum over the replicas (an identity without a strategy); call in a replica context."""
-    if not tf.nest.flatten(value):  # e.g. a model without metrics; all_reduce needs a value
+    """Sum over the replicas (an identity on one replica); call in a replica context."""
+    context = tf.distribute.get_replica_context()
+    # On one replica there is nothing to reduce. Skipping the op also keeps the steps savable:
+    # all_reduce carries a custom gradient that SavedModel cannot trace outside `strategy.run`.
+    # An empty structure (a model without metrics) has nothing to reduce either.
+    if context.num_replicas_in_sync == 1 or not tf.nest.flatten(value):
         return value
-    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _gather(value):
+    """`value` of every replica, concatenated along axis 0 (itself on one replica)."""
+    context = tf.distribute.get_replica_context()
+    return value if context.num_replicas_in_sync == 1 else context.all_gather(value, axis=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -156,7 +166,13 @@ class StnTrainer(tf.Module):
 
         `loss_fn()` returns `(loss, extras)`: this replica's share of the loss to descend and
         anything else to return. The step is applied only when the summed loss and every summed
-        gradient are finite, on every replica alike. Returns (summed loss, extras, finite).
+        gradient are finite, on every replica alike. Returns (summed loss, extras, finite): a
+        tensor flag, so that several steps can run inside one compiled call.
+
+        Steps are built from this and `hparams.sample`, so a training method other than STN
+        (e.g. Delta-STN: another hypernet input, and general and response parameter groups
+        updated from their own losses and optimizers) only changes what `loss_fn` feeds the
+        model and which `updates` it descends.
         """
         variables = [v for _, group in updates for v in group]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -197,9 +213,8 @@ class StnTrainer(tf.Module):
             return tf.reduce_sum(self.model.loss(targets, outputs)) / global_size, outputs
 
         loss, outputs, finite = self._descend(loss_fn, [(self.weight_optimizer, self.weights)])
-        values = tf.distribute.get_replica_context().all_gather(sample.values, axis=0)
         return {"loss": loss, **self._mean_metrics(targets, outputs, global_size),
-                "finite": finite, "hparam_values": values}
+                "finite": finite, "hparam_values": _gather(sample.values)}
 
     def _hyper_step(self, inputs, targets):
         """One Adam step of hyperparameter values (and scales) on a clean validation batch.
