@@ -15,7 +15,6 @@ the next version under `--export_dir` (default `<logdir>/export`), never overwri
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -43,8 +42,7 @@ def define_flags() -> None:
 def load_run(logdir: str, need_results: bool = False) -> tuple[experiments.RunConfig, dict]:
     """(RunConfig, results) of the run in `logdir`: the one place that reads config.json back."""
     config_json, results = export.read_run(logdir, need_results)
-    fields = {f.name for f in dataclasses.fields(experiments.RunConfig)}
-    return experiments.RunConfig(**{k: v for k, v in config_json.items() if k in fields}), results
+    return experiments.RunConfig.from_dict(config_json), results
 
 
 def export_model(logdir: str, export_dir: str | None = None) -> str:
@@ -59,7 +57,8 @@ def rebuild_trainer(logdir: str) -> StnTrainer:
     config, results = load_run(logdir)
     metadata = results.get("metadata") or {}
     model, hparams = experiments.build_model(config, metadata)
-    return trainer_export.new_trainer(model, hparams, metadata, config.trainer_config())
+    return trainer_export.new_trainer(model, hparams, metadata, config.trainer,
+                                     seed=config.seed)
 
 
 def main(argv):

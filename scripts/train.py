@@ -9,7 +9,6 @@ from a file (one `--name=value` per line); the run saves its own as `<logdir>/fl
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -18,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from stn_pipeline import config as config_lib  # noqa: E402
 from stn_pipeline import distribute, experiments  # noqa: E402
 from stn_pipeline.run import ConfigError, run_experiment  # noqa: E402
 from stn_pipeline.training import NonFiniteError  # noqa: E402
@@ -31,45 +31,15 @@ flags.DEFINE_string("init_from", None, "Start from a trainer checkpoint, e.g. on
 flags.DEFINE_bool("restore_fallback", False,
                   "Resume from the previous checkpoint when the newest one is damaged.")
 
-_HELP = {
-    "seed": "Seed of initialisation, data order, perturbations and masks.",
-    "batch_size": "Examples per weight and hyper step.",
-    "epochs": "Maximum number of epochs.",
-    "max_steps": "Cap on weight steps (0: none); also --max_cycles.",
-    "warmup_epochs": "Epochs of weight steps only before tuning starts.",
-    "train_steps": "Weight steps per cycle.",
-    "hyper_steps": "Hyper steps per cycle.",
-    "weight_optimizer": "'sgd' (momentum 0.9) or 'adam'.",
-    "weight_lr": "Learning rate of the model weights.",
-    "hyper_lr": "Adam learning rate of the hyperparameters.",
-    "scale_lr": "Adam learning rate of the perturbation scales.",
-    "tau": "Entropy weight of the hyper loss.",
-    "tune": "False freezes the hyperparameters at their initial values (the baseline).",
-    "tune_scales": "Learn the perturbation scales.",
-    "nonmono": "Window (epochs) of the non-monotone learning-rate decay; 0 disables it.",
-    "patience": "Early stopping after this many epochs without improvement; 0 disables it.",
-    "log_every": "Weight steps between progress lines and summaries.",
-    "checkpoint_every": "Weight steps between resume checkpoints (0: only at epoch ends).",
-    "keep_checkpoints": "How many resume checkpoints to keep.",
-    "on_nan": "'stop' (exit non-zero) or 'skip' (skip and count) a non-finite step.",
-    "nan_at_step": "Test hook: make the weight loss NaN at this weight step (0: never).",
-    "hparam_inits": "Initial values, e.g. 'dropout0=0.2,cutout_length=8'.",
-    "toy_depth": "relu_toy: number of hidden layers.",
-    "toy_width": "relu_toy: units per hidden layer.",
-    "toy_r0": "relu_toy: initial input half-width r.",
-    "toy_train_size": "relu_toy: number of training points.",
-    "dataset": "'cifar10' (or any TFDS image classification name) or 'folder:<dir>'.",
-    "data_dir": "TFDS data folder.",
-    "valid_fraction": "Part of the training split held out for hyper steps and selection.",
-    "max_examples": "Use only the first N training (and test) examples; 0: all.",
-}
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string}
-for _field in dataclasses.fields(experiments.RunConfig):
-    if _field.name in _HELP:
-        _kind = type(_field.default) if _field.default is not None else str
-        _DEFINE[_kind](_field.name, None, _HELP[_field.name] + " Default: the experiment's.")
-flags.DEFINE_integer("max_cycles", None, "Cap on cycles; sets --max_steps = --max_cycles * --train_steps.")
+# One flag per setting of the run configuration, flat (--weight_lr, --epochs, --toy_depth...).
+for _name, _default in config_lib.RunConfig(experiment="").as_flags().items():
+    if _name != "experiment":
+        _DEFINE[type(_default) if _default is not None else str](
+            _name, None, config_lib.HELP[_name] + " Default: the experiment's.")
+flags.DEFINE_integer("max_cycles", None,
+                     "Cap on cycles; sets --max_steps = --max_cycles * --train_steps.")
 flags.DEFINE_integer("threads", 0, "CPU threads for TensorFlow ops (0: TensorFlow's default).")
 flags.DEFINE_bool("deterministic", False, "Deterministic TensorFlow kernels (bitwise resumes).")
 flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES),
@@ -82,30 +52,19 @@ flags.DEFINE_integer("worker_timeout", 600, "multi_worker: seconds a collective 
                      "peer before the job fails (a dead worker ends the job instead of hanging).")
 
 
-def config_from_flags() -> experiments.RunConfig:
+def config_from_flags() -> config_lib.RunConfig:
     """The experiment's defaults, overridden by every flag given on the command line."""
     if FLAGS.experiment not in experiments.EXPERIMENTS:
         raise ConfigError(f"--experiment={FLAGS.experiment!r} is unknown; choose one of "
                           f"{sorted(experiments.EXPERIMENTS)}.")
-    config = experiments.default_config(FLAGS.experiment)
-    given = {name: FLAGS[name].value for name in _HELP if FLAGS[name].value is not None}
-    config = dataclasses.replace(config, **given)
+    given = {name: FLAGS[name].value for name in config_lib.FLAGS
+             if name != "experiment" and FLAGS[name].value is not None}
+    config = experiments.default_config(FLAGS.experiment, **given)
     if FLAGS.max_cycles is not None:
         if FLAGS.max_cycles < 0:
             raise ConfigError(f"--max_cycles must be >= 0, received {FLAGS.max_cycles}.")
-        config = dataclasses.replace(config, max_steps=FLAGS.max_cycles * config.train_steps)
+        config = config.override(max_steps=FLAGS.max_cycles * config.schedule.train_steps)
     return config
-
-
-def _reason(error: Exception) -> str:
-    """The telling line of a TensorFlow op error (not its headline, stack or node names)."""
-    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines()
-             if line.strip() and not line[:1].isspace()
-             and not line.startswith(("Graph execution error", "Detected at node", "[["))]
-    if not lines:
-        return type(error).__name__
-    # E.g. "Collective ops is aborted by: ... tasks are unhealthy ...:" + "/job:worker/...task:1".
-    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def main(argv):
@@ -140,7 +99,8 @@ def main(argv):
             raise
         logging.error("collective failure: %s", error.message)
         sys.stderr.write(f"stn-train: error: the {FLAGS.strategy} job lost a worker or timed "
-                         f"out waiting for one ({type(error).__name__}: {_reason(error)}); "
+                         f"out waiting for one ({type(error).__name__}: "
+                         f"{distribute.failure_reason(error)}); "
                          "restart all workers with the same flags to resume from the last "
                          "checkpoint.\n")
         sys.stderr.flush()

@@ -22,14 +22,25 @@ import tempfile
 
 import tensorflow as tf
 
-__all__ = ["STRATEGIES", "PeerFailure", "configure_cpu_devices", "input_fn", "is_chief",
-           "make_strategy", "scope", "worker_logdir"]
+__all__ = ["STRATEGIES", "PeerFailure", "configure_cpu_devices", "failure_reason", "input_fn",
+           "is_chief", "make_strategy", "scope", "worker_logdir"]
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 # Errors a collective raises when a peer died or stopped answering.
 PeerFailure = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError)
+
+
+def failure_reason(error: Exception) -> str:
+    """The telling line of a TensorFlow op error (not its headline, stack or node names)."""
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines()
+             if line.strip() and not line[:1].isspace()
+             and not line.startswith(("Graph execution error", "Detected at node", "[["))]
+    if not lines:
+        return type(error).__name__
+    # E.g. "Collective ops is aborted by: ... tasks are unhealthy ...:" + "/job:worker/...task:1".
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def configure_cpu_devices(count: int) -> None:

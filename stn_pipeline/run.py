@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import os
 import time
 
@@ -12,9 +10,10 @@ from absl import logging
 
 from stn_pipeline import distribute, experiments, export
 from stn_pipeline.checkpoints import RunCheckpoints, restore_trainer
+from stn_pipeline.config import ConfigError, RunConfig, check_setting, load_config
 from stn_pipeline.summaries import RunLogger, write_json
 from stn_pipeline.trainer import StnTrainer
-from stn_pipeline.training import ON_NAN_MODES, LoopOptions, LoopState, fit
+from stn_pipeline.training import LoopState, fit
 
 __all__ = ["ConfigError", "prepare_logdir", "run_experiment", "validate_config"]
 
@@ -23,45 +22,26 @@ CONFIG_FILE = "config.json"
 METADATA_FILE = "metadata.json"  # what rebuilding the model needs (shapes, classes, normalisation)
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work, reported as one line naming the flag."""
-
-
-_POSITIVE = ("batch_size", "epochs", "train_steps", "log_every", "toy_depth", "toy_width",
-             "toy_train_size", "keep_checkpoints")
-_NON_NEGATIVE = ("max_steps", "warmup_epochs", "hyper_steps", "nonmono", "patience",
-                 "max_examples", "tau", "checkpoint_every", "nan_at_step")
-_POSITIVE_FLOAT = ("weight_lr", "hyper_lr", "scale_lr", "toy_r0")
 # Settings that may change when a run is resumed: they do not change what is being trained.
 _RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-              "on_nan", "nan_at_step", "patience"}
+              "on_nan", "patience"}
 
 
-def validate_config(config: experiments.RunConfig) -> None:
+def validate_config(config: RunConfig) -> None:
     """Raises `ConfigError` for the first setting that cannot work, before any heavy work."""
     if config.experiment not in experiments.EXPERIMENTS:
         raise ConfigError(f"--experiment={config.experiment!r} is unknown; choose one of "
                           f"{sorted(experiments.EXPERIMENTS)}.")
-    for name in _POSITIVE + _POSITIVE_FLOAT:
-        if not getattr(config, name) > 0:
-            raise ConfigError(f"--{name} must be > 0, received {getattr(config, name)}.")
-    for name in _NON_NEGATIVE:
-        if getattr(config, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, received {getattr(config, name)}.")
-    if not 0 < config.valid_fraction < 1:
-        raise ConfigError(f"--valid_fraction must be in (0, 1), received {config.valid_fraction}.")
-    if config.weight_optimizer not in ("sgd", "adam"):
-        raise ConfigError(f"--weight_optimizer must be 'sgd' or 'adam', received "
-                          f"{config.weight_optimizer!r}.")
-    if config.on_nan not in ON_NAN_MODES:
-        raise ConfigError(f"--on_nan must be one of {ON_NAN_MODES}, received {config.on_nan!r}.")
-    if config.tune and config.hyper_steps == 0:
+    for flag, value in config.as_flags().items():
+        check_setting(flag, value)
+    schedule = config.schedule
+    if config.trainer.tune and schedule.hyper_steps == 0:
         raise ConfigError("--hyper_steps=0 with --tune=true never tunes; use --tune=false for "
                           "a fixed-hyperparameter run.")
-    if config.tune and config.warmup_epochs >= config.epochs:
-        raise ConfigError(f"--warmup_epochs={config.warmup_epochs} leaves no epoch of tuning "
-                          f"within --epochs={config.epochs}.")
-    if not config.dataset.strip():
+    if config.trainer.tune and schedule.warmup_epochs >= schedule.epochs:
+        raise ConfigError(f"--warmup_epochs={schedule.warmup_epochs} leaves no epoch of tuning "
+                          f"within --epochs={schedule.epochs}.")
+    if not config.data.dataset.strip():
         raise ConfigError("--dataset is empty; give a TFDS name or folder:<dir>.")
     try:
         experiments.hparam_specs(config)
@@ -69,12 +49,14 @@ def validate_config(config: experiments.RunConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    keys = sorted((set(old) | set(new)) - _RESUMABLE)
-    return [f"--{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def _differences(old: RunConfig, new: RunConfig) -> list[str]:
+    """The settings that differ, named by their flags (resumable ones excepted)."""
+    old_flags, new_flags = old.as_flags(), new.as_flags()
+    return [f"--{k}: {old_flags[k]!r} -> {new_flags[k]!r}" for k in sorted(old_flags)
+            if k not in _RESUMABLE and old_flags[k] != new_flags[k]]
 
 
-def prepare_logdir(logdir: str, config: experiments.RunConfig, overwrite: bool) -> bool:
+def prepare_logdir(logdir: str, config: RunConfig, overwrite: bool) -> bool:
     """Creates `logdir` or checks that it holds the same run; returns True to resume it.
 
     A logdir with a finished run (results.json) or a run of another configuration is refused
@@ -86,8 +68,10 @@ def prepare_logdir(logdir: str, config: experiments.RunConfig, overwrite: bool) 
     if os.path.exists(os.path.join(logdir, RESULTS_FILE)):
         problem = f"--logdir={logdir} already holds a finished run ({RESULTS_FILE})"
     elif os.path.exists(config_path):
-        with open(config_path) as handle:
-            differences = _differences(json.load(handle), _as_json(config))
+        try:
+            differences = _differences(load_config(config_path), config)
+        except (ValueError, TypeError) as error:
+            differences = [f"its {CONFIG_FILE} cannot be read: {error}"]
         if differences:
             problem = (f"--logdir={logdir} holds a run with another configuration ("
                        + "; ".join(differences) + ")")
@@ -116,11 +100,7 @@ def prepare_logdir(logdir: str, config: experiments.RunConfig, overwrite: bool) 
     return resume
 
 
-def _as_json(config: experiments.RunConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool = False,
+def run_experiment(config: RunConfig, logdir: str, overwrite: bool = False,
                    flagfile_text: str | None = None, restore_fallback: bool = False,
                    init_from: str | None = None, strategy=None) -> dict:
     """Validates `config`, trains, and writes `results.json` and TensorBoard logs to `logdir`.
@@ -134,11 +114,11 @@ def run_experiment(config: experiments.RunConfig, logdir: str, overwrite: bool =
     the global batch; only its chief writes `logdir` (others write to a removed temp folder).
     """
     validate_config(config)
-    for message in config.schedule_config().inactive_settings():
+    for message in config.schedule.inactive_settings():
         logging.warning("%s.", message)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    if config.batch_size % replicas:
-        raise ConfigError(f"--batch_size={config.batch_size} (the global batch) must be a "
+    if config.data.batch_size % replicas:
+        raise ConfigError(f"--batch_size={config.data.batch_size} (the global batch) must be a "
                           f"multiple of the {replicas} replicas.")
     with distribute.worker_logdir(logdir, strategy) as write_dir:
         return _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback,
@@ -152,7 +132,7 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
         if flagfile_text is not None:
             with open(os.path.join(logdir, "flags.txt"), "w") as handle:
                 handle.write(flagfile_text)
-        write_json(os.path.join(logdir, CONFIG_FILE), _as_json(config))
+        write_json(os.path.join(logdir, CONFIG_FILE), config.to_dict())
     else:
         # The chief checks the logdir; this worker resumes from its checkpoints if any (the
         # chief saves none before this worker has joined the first collective step).
@@ -166,7 +146,8 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
         if write_dir == resume_dir:
             write_json(os.path.join(resume_dir, METADATA_FILE), experiment.metadata)
         trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
-                             experiment.target_spec, config.trainer_config(), strategy=strategy)
+                             experiment.target_spec, config.trainer, seed=config.seed,
+                             strategy=strategy)
     # Outside the scope: the loop's counters are only touched eagerly, and its string record
     # cannot be broadcast between workers (string collectives do not exist).
     loop_state = LoopState()
@@ -196,17 +177,15 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
 
 
 def fit_and_record(trainer: StnTrainer, experiment: experiments.Experiment,
-                   config: experiments.RunConfig, logger: RunLogger,
+                   config: RunConfig, logger: RunLogger,
                    checkpoints: RunCheckpoints | None = None,
                    loop_state: LoopState | None = None) -> dict:
     """Trains and returns the results with the config and HParams summary attached."""
-    options = LoopOptions(log_every=config.log_every, max_steps=config.max_steps,
-                          checkpoint_every=config.checkpoint_every, on_nan=config.on_nan)
-    results = fit(trainer, experiment.data, config.schedule_config(), logger, options,
-                  checkpoints, loop_state)
-    results["config"] = dataclasses.asdict(config)
+    results = fit(trainer, experiment.data, config.schedule, logger, config.loop, checkpoints,
+                  loop_state)
+    results["config"] = config.to_dict()
     results["metadata"] = experiment.metadata
-    settings = dataclasses.asdict(config)
+    settings = config.as_flags()
     settings.update({f"init/{k}": v for k, v in results["initial_hparams"].items()})
     final = {f"final/{k}": v for k, v in results["final_hparams"].items()}
     final.update({f"final/{k}": results[k] for k in results

@@ -5,13 +5,23 @@ drawn per example, inside the compiled step, and that same sample drives the exa
 augmentation, its dropout rates and the gates of every STN layer. A hyper step sees clean
 validation inputs in evaluation mode, so the hyperparameters get gradient only through the gates,
 and values and scales are updated from one forward/backward pass without any weight gradient.
+
+Every step has one body, written for the replica context of a `tf.distribute` strategy and run
+through `strategy.run`. Without a strategy the default one is used: its `run` is a plain call and
+its all-reduce an identity, so the single-device step is the same code at no extra cost. Each
+replica's loss is its share of the global-batch mean (per-example losses summed and divided by
+the global batch size), so the all-reduced SUM of the replicas' gradients is the gradient of the
+global mean, which every replica applies identically; the finite guard sees the reduced values,
+so all replicas skip or apply a step together.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Sequence
 
 import tensorflow as tf
+from absl import logging
 
 from stn_pipeline import distribute, optimizers
 from stn_pipeline.hparams import HyperParameters
@@ -26,7 +36,24 @@ def _all_finite(tensors) -> tf.Tensor:
     return tf.reduce_all([tf.math.is_finite(tf.reduce_sum(t)) for t in tensors if t is not None])
 
 
-@dataclasses.dataclass(frozen=True)
+def _global_sum(value):
+    """Sum over the replicas (an identity on one replica); call in a replica context."""
+    context = tf.distribute.get_replica_context()
+    # On one replica there is nothing to reduce. Skipping the op also keeps the steps savable:
+    # all_reduce carries a custom gradient that SavedModel cannot trace outside `strategy.run`.
+    # An empty structure (a model without metrics) has nothing to reduce either.
+    if context.num_replicas_in_sync == 1 or not tf.nest.flatten(value):
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def _gather(value):
+    """`value` of every replica, concatenated along axis 0 (itself on one replica)."""
+    context = tf.distribute.get_replica_context()
+    return value if context.num_replicas_in_sync == 1 else context.all_gather(value, axis=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """Optimisation settings of `StnTrainer`.
 
@@ -36,9 +63,9 @@ class TrainerConfig:
       hyper_lr: Adam learning rate of the unconstrained hyperparameter values.
       scale_lr: Adam learning rate of the unconstrained perturbation scales.
       tau: entropy weight; the hyper loss is validation loss - tau * entropy.
-      tune: False freezes the hyperparameters: no perturbation in weight steps (the baseline).
+      tune: False freezes the hyperparameters: no perturbation in weight steps (the baseline),
+        and `hyper_step` only measures the validation loss, changing nothing.
       tune_scales: learn the perturbation scales in hyper steps (which are then perturbed).
-      seed: run seed; augmentation and dropout masks draw from its "step" stream.
     """
 
     weight_optimizer: str = "sgd"
@@ -48,20 +75,25 @@ class TrainerConfig:
     tau: float = 1e-3
     tune: bool = True
     tune_scales: bool = True
-    seed: int = 0
+
+
+# A parameter group: the optimizer that updates it and its variables, in the optimizer's order.
+Update = tuple[tf.Module, Sequence[tf.Variable]]
 
 
 class StnTrainer(tf.Module):
     """Owns a model, its hyperparameters and three optimizers; exposes compiled steps.
 
     Steps take a batch `(inputs, targets)` of any batch size and return dicts of scalars (and, for
-    weight steps, the [B, H] per-example hyperparameter values, for histograms). They compile once:
-    their input signatures fix dtype and trailing shape, leaving the batch dimension free.
+    weight steps, the [B, H] per-example hyperparameter values, for histograms). On one replica
+    they compile once: their input signatures fix dtype and trailing shape, leaving the batch
+    dimension free. With several replicas they take the per-replica batches of `distribute`.
     """
 
     def __init__(self, model: StnModel, hparams: HyperParameters, input_spec: tf.TensorSpec,
-                 target_spec: tf.TensorSpec, config: TrainerConfig = TrainerConfig(),
-                 name: str | None = None, strategy: tf.distribute.Strategy | None = None):
+                 target_spec: tf.TensorSpec, config: TrainerConfig = TrainerConfig(), *,
+                 seed: int = 0, name: str | None = None,
+                 strategy: tf.distribute.Strategy | None = None):
         """Constructs a `StnTrainer`.
 
         Args:
@@ -70,10 +102,11 @@ class StnTrainer(tf.Module):
           input_spec: spec of one batch of raw inputs, batch dimension None.
           target_spec: spec of one batch of targets, batch dimension None.
           config: optimisation settings.
+          seed: run seed; augmentation and dropout masks draw from its "step" stream.
           name: module name.
-          strategy: a `tf.distribute` strategy, or None (one device). With a strategy, the model
-            and hyperparameters must have been built, and this trainer constructed, in its
-            `scope()`; steps then take the per-replica batches of `distribute(dataset)`.
+          strategy: a `tf.distribute` strategy, or None for the current one (the default
+            strategy outside any scope: one device). The model and hyperparameters must have
+            been built, and this trainer constructed, in its `scope()`.
         """
         super().__init__(name=name)
         self.model = model
@@ -92,29 +125,26 @@ class StnTrainer(tf.Module):
                                                name="hyper_optimizer")
         self.scale_optimizer = optimizers.Adam([hparams.unconstrained_scale], config.scale_lr,
                                                name="scale_optimizer")
-        self.step_generator = tf.random.Generator.from_seed(stream_seed(config.seed, "step"))
+        self.step_generator = tf.random.Generator.from_seed(stream_seed(seed, "step"))
         self.tau = tf.Variable(float(config.tau), trainable=False, name="tau")
-        # Added to the weight loss; 0 except when a test sets it to NaN to exercise the guards.
-        self.loss_offset = tf.Variable(0.0, trainable=False, name="loss_offset")
-        self.strategy = strategy
-        if strategy is None:
-            signature = [input_spec, target_spec]
-            self.weight_step = tf.function(self._weight_step, input_signature=signature)
-            self.hyper_step = tf.function(self._hyper_step, input_signature=signature)
-            self.evaluate = tf.function(self._evaluate, input_signature=signature)
-        else:
-            self.weight_step = self._replicated(self._replica_weight_step)
-            self.hyper_step = self._replicated(self._replica_hyper_step)
-            self.evaluate = self._replicated(self._replica_evaluate)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.weight_step = self._compile(self._weight_step)
+        self.hyper_step = self._compile(self._hyper_step)
+        self.evaluate = self._compile(self._evaluate)
         self.hyperparameters = tf.function(self._hyperparameters, input_signature=[])
 
+    @property
+    def replicated(self) -> bool:
+        """True when steps run on several replicas (and take per-replica batches)."""
+        return self.strategy.num_replicas_in_sync > 1
+
     def distribute(self, dataset: tf.data.Dataset):
-        """`dataset` (of global batches) as the steps take it: per-replica under a strategy."""
-        if self.strategy is None:
+        """`dataset` (of global batches) as the steps take it: per-replica when replicated."""
+        if not self.replicated:
             return dataset
         return self.strategy.distribute_datasets_from_function(distribute.input_fn(dataset))
 
-    def _replicated(self, replica_fn):
+    def _compile(self, replica_fn: Callable) -> Callable:
         """A compiled step running `replica_fn` on every replica through `strategy.run`.
 
         Replica functions all-reduce what they return, so every replica holds the same values
@@ -125,55 +155,98 @@ class StnTrainer(tf.Module):
             return tf.nest.map_structure(
                 lambda value: self.strategy.experimental_local_results(value)[0], outputs)
 
-        # Per-replica pieces carry concrete shapes; relax them instead of retracing per shape.
-        return tf.function(step, reduce_retracing=True)
+        if self.replicated:
+            # Per-replica pieces carry concrete shapes; relax them instead of retracing per shape.
+            return tf.function(step, reduce_retracing=True)
+        return tf.function(step, input_signature=[self.input_spec, self.target_spec])
 
-    def _mean_metrics(self, targets, outputs) -> dict[str, tf.Tensor]:
-        return {k: tf.reduce_mean(v) for k, v in self.model.metrics(targets, outputs).items()}
+    # Replica step bodies: each runs in a replica context (see the module docstring).
+
+    def _descend(self, loss_fn: Callable, updates: Sequence[Update]):
+        """One all-reduced, finite-guarded gradient step of the parameter groups `updates`.
+
+        `loss_fn()` returns `(loss, extras)`: this replica's share of the loss to descend and
+        anything else to return. The step is applied only when the summed loss and every summed
+        gradient are finite, on every replica alike. Returns (summed loss, extras, finite): a
+        tensor flag, so that several steps can run inside one compiled call.
+
+        Steps are built from this and `hparams.sample`, so a training method other than STN
+        (e.g. Delta-STN: another hypernet input, and general and response parameter groups
+        updated from their own losses and optimizers) only changes what `loss_fn` feeds the
+        model and which `updates` it descends.
+        """
+        variables = [v for _, group in updates for v in group]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(variables)
+            loss, extras = loss_fn()
+        gradients = tape.gradient(loss, variables)
+        loss, gradients = _global_sum((loss, gradients))
+        finite = _all_finite([loss] + gradients)
+        start = 0
+        for optimizer, group in updates:
+            optimizer.apply_replicated(gradients[start:start + len(group)], finite)
+            start += len(group)
+        return loss, extras, finite
+
+    def _global_batch_size(self, targets) -> tuple[tf.Tensor, tf.Tensor]:
+        local_size = tf.shape(targets)[0]
+        return local_size, _global_sum(tf.cast(local_size, tf.float32))
+
+    def _mean_metrics(self, targets, outputs, global_size) -> dict[str, tf.Tensor]:
+        sums = {k: tf.reduce_sum(v) for k, v in self.model.metrics(targets, outputs).items()}
+        return {k: v / global_size for k, v in _global_sum(sums).items()}
 
     def _weight_step(self, inputs, targets):
         """One SGD/Adam step of the model weights on a per-example perturbed batch.
 
-        The update is applied only when the loss and every gradient are finite; the returned
-        `finite` flag tells the loop (which stops or counts a skipped step).
+        Per-example noise, augmentation and masks come from per-replica streams (generators made
+        in the strategy scope); shared hyperparameters get one draw per global batch. The update
+        is applied only when the loss and every gradient are finite; the returned `finite` flag
+        tells the loop (which stops or counts a skipped step).
         """
-        batch_size = tf.shape(targets)[0]
-        sample = self.hparams.sample(batch_size, perturb=self.config.tune)
+        local_size, global_size = self._global_batch_size(targets)
+        sample = self.hparams.sample(local_size, perturb=self.config.tune)
         seeds = self.step_generator.make_seeds(2)
         inputs, targets = self.model.augment(inputs, targets, sample, seeds[:, 0])
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(self.weights)
+
+        def loss_fn():
             outputs = self.model(inputs, sample, training=True, seed=seeds[:, 1])
-            loss = tf.reduce_mean(self.model.loss(targets, outputs)) + self.loss_offset
-        gradients = tape.gradient(loss, self.weights)
-        finite = _all_finite([loss] + gradients)
-        if finite:
-            self.weight_optimizer.apply(gradients)
-        return {"loss": loss, **self._mean_metrics(targets, outputs), "finite": finite,
-                "hparam_values": sample.values}
+            return tf.reduce_sum(self.model.loss(targets, outputs)) / global_size, outputs
+
+        loss, outputs, finite = self._descend(loss_fn, [(self.weight_optimizer, self.weights)])
+        return {"loss": loss, **self._mean_metrics(targets, outputs, global_size),
+                "finite": finite, "hparam_values": _gather(sample.values)}
 
     def _hyper_step(self, inputs, targets):
         """One Adam step of hyperparameter values (and scales) on a clean validation batch.
 
-        Skipped (and flagged through `finite`) when the loss or a gradient is not finite.
+        Skipped (and flagged through `finite`) when the loss or a gradient is not finite. With
+        `tune=False` it changes nothing (no update, no noise drawn) and only measures.
         """
-        hparams = self.hparams
-        variables = [hparams.unconstrained_value, hparams.unconstrained_scale]
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(variables)
-            sample = hparams.sample(tf.shape(targets)[0], perturb=self.config.tune_scales)
+        hparams, config = self.hparams, self.config
+        local_size, global_size = self._global_batch_size(targets)
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        updates = []
+        if config.tune:
+            updates.append((self.hyper_optimizer, [hparams.unconstrained_value]))
+            if config.tune_scales:
+                updates.append((self.scale_optimizer, [hparams.unconstrained_scale]))
+        else:
+            logging.warning("StnTrainer(tune=False): hyper_step leaves the hyperparameters and "
+                            "scales unchanged.")  # once per trace
+
+        def loss_fn():
+            sample = hparams.sample(local_size, perturb=config.tune and config.tune_scales)
             outputs = self.model(self.model.preprocess(inputs), sample, training=False, seed=None)
-            loss = tf.reduce_mean(self.model.loss(targets, outputs))
+            loss = tf.reduce_sum(self.model.loss(targets, outputs)) / global_size
             entropy = hparams.entropy()
-            hyper_loss = loss - self.tau * entropy
-        value_gradient, scale_gradient = tape.gradient(hyper_loss, variables)
-        finite = _all_finite([hyper_loss, value_gradient, scale_gradient])
-        if finite:
-            self.hyper_optimizer.apply([value_gradient])
-            if self.config.tune_scales:
-                self.scale_optimizer.apply([scale_gradient])
-        return {"loss": loss, "hyper_loss": hyper_loss, "entropy": entropy,
-                **self._mean_metrics(targets, outputs), "finite": finite}
+            # The entropy term is global: each replica carries 1/replicas of it.
+            hyper_loss = loss - self.tau * entropy / replicas
+            return hyper_loss, (loss, entropy, outputs)
+
+        hyper_loss, (loss, entropy, outputs), finite = self._descend(loss_fn, updates)
+        return {"loss": _global_sum(loss), "hyper_loss": hyper_loss, "entropy": entropy,
+                **self._mean_metrics(targets, outputs, global_size), "finite": finite}
 
     def _evaluate(self, inputs, targets):
         """Sums of loss and metrics at the current, unperturbed hyperparameters (eval mode)."""
@@ -183,75 +256,12 @@ class StnTrainer(tf.Module):
         for key, value in self.model.metrics(targets, outputs).items():
             sums[key] = tf.reduce_sum(value)
         sums["count"] = tf.cast(tf.shape(targets)[0], tf.float32)
-        return sums
+        return _global_sum(sums)
 
     def _hyperparameters(self):
         """The current constrained values, perturbation scales and names."""
         return {"values": self.hparams.constrained(), "scales": self.hparams.scale(),
                 "names": tf.constant(self.hparams.names)}
-
-    # Replica step bodies (`tf.distribute`). The loss of each replica is its share of the global
-    # batch mean -- per-example losses summed and divided by the global batch size -- so the
-    # all-reduced SUM of the replicas' gradients is the gradient of the global mean loss, which
-    # every replica then applies identically (`apply_replicated`).
-
-    def _global_sum(self, value):
-        if not tf.nest.flatten(value):  # e.g. a model without metrics; all_reduce needs a value
-            return value
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-    def _summed_metrics(self, targets, outputs, global_size) -> dict[str, tf.Tensor]:
-        sums = {k: tf.reduce_sum(v) for k, v in self.model.metrics(targets, outputs).items()}
-        return {k: v / global_size for k, v in self._global_sum(sums).items()}
-
-    def _replica_weight_step(self, inputs, targets):
-        context = tf.distribute.get_replica_context()
-        replicas = float(context.num_replicas_in_sync)
-        local_size = tf.shape(targets)[0]
-        global_size = self._global_sum(tf.cast(local_size, tf.float32))
-        # Per-example noise, augmentation and masks come from per-replica streams (generators
-        # made in the strategy scope); shared hyperparameters get one draw per global batch.
-        sample = self.hparams.sample(local_size, perturb=self.config.tune)
-        seeds = self.step_generator.make_seeds(2)
-        inputs, targets = self.model.augment(inputs, targets, sample, seeds[:, 0])
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(self.weights)
-            outputs = self.model(inputs, sample, training=True, seed=seeds[:, 1])
-            loss = (tf.reduce_sum(self.model.loss(targets, outputs)) / global_size
-                    + self.loss_offset / replicas)
-        gradients = tape.gradient(loss, self.weights)
-        loss, gradients = self._global_sum((loss, gradients))
-        finite = _all_finite([loss] + gradients)
-        self.weight_optimizer.apply_replicated(gradients, finite)
-        return {"loss": loss, **self._summed_metrics(targets, outputs, global_size),
-                "finite": finite, "hparam_values": context.all_gather(sample.values, axis=0)}
-
-    def _replica_hyper_step(self, inputs, targets):
-        hparams = self.hparams
-        replicas = float(tf.distribute.get_replica_context().num_replicas_in_sync)
-        local_size = tf.shape(targets)[0]
-        global_size = self._global_sum(tf.cast(local_size, tf.float32))
-        variables = [hparams.unconstrained_value, hparams.unconstrained_scale]
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(variables)
-            sample = hparams.sample(local_size, perturb=self.config.tune_scales)
-            outputs = self.model(self.model.preprocess(inputs), sample, training=False, seed=None)
-            loss = tf.reduce_sum(self.model.loss(targets, outputs)) / global_size
-            entropy = hparams.entropy()
-            # The entropy term is global: each replica carries 1/replicas of it.
-            hyper_loss = loss - self.tau * entropy / replicas
-        value_gradient, scale_gradient = tape.gradient(hyper_loss, variables)
-        loss, hyper_loss, value_gradient, scale_gradient = self._global_sum(
-            (loss, hyper_loss, value_gradient, scale_gradient))
-        finite = _all_finite([hyper_loss, value_gradient, scale_gradient])
-        self.hyper_optimizer.apply_replicated([value_gradient], finite)
-        if self.config.tune_scales:
-            self.scale_optimizer.apply_replicated([scale_gradient], finite)
-        return {"loss": loss, "hyper_loss": hyper_loss, "entropy": entropy,
-                **self._summed_metrics(targets, outputs, global_size), "finite": finite}
-
-    def _replica_evaluate(self, inputs, targets):
-        return self._global_sum(self._evaluate(inputs, targets))
 
     def evaluate_dataset(self, dataset: tf.data.Dataset) -> dict[str, float]:
         """Mean loss and metrics over a finite dataset of batches (eager loop over batches)."""

@@ -34,20 +34,21 @@ _SOURCES = ("latest", "best")
 
 
 def new_trainer(model: StnModel, hparams: HyperParameters, metadata: Mapping[str, Any],
-                config: TrainerConfig) -> StnTrainer:
+                config: TrainerConfig, seed: int = 0) -> StnTrainer:
     """An untrained `StnTrainer` of a run's freshly built model, with the run's input specs.
 
     Args:
       model, hparams: built from the run's config and metadata (`experiments.build_model`).
       metadata: the run's metadata.json: image runs name their `image_shape`.
       config: the run's trainer configuration.
+      seed: the run's seed.
     """
     if "image_shape" in metadata:
         input_spec = tf.TensorSpec([None, *metadata["image_shape"]], tf.uint8)
         target_spec = tf.TensorSpec([None], tf.int64)
     else:  # relu_toy: one float input and target per example
         input_spec = target_spec = tf.TensorSpec([None, 1], tf.float32)
-    return StnTrainer(model, hparams, input_spec, target_spec, config)
+    return StnTrainer(model, hparams, input_spec, target_spec, config, seed=seed)
 
 
 def save_trainer(trainer: StnTrainer, export_root: str) -> str:

@@ -9,7 +9,6 @@ Prints one JSON line of measurements; any failed check raises (non-zero exit).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -25,7 +24,8 @@ def build(config, strategy):
     with distribute.scope(strategy):
         experiment = experiments.build_experiment(config)
         trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
-                             experiment.target_spec, config.trainer_config(), strategy=strategy)
+                             experiment.target_spec, config.trainer, seed=config.seed,
+                             strategy=strategy)
     return experiment, trainer
 
 
@@ -45,10 +45,10 @@ def train(trainer, experiment, steps):
     out = None
     for _ in range(steps):
         out = trainer.weight_step(*next(train_batches))
-        if trainer.strategy is not None:
+        if trainer.replicated:
             assert_replicas_equal(trainer.strategy, trainer.state_variables())
         trainer.hyper_step(*next(hyper_batches))
-        if trainer.strategy is not None:
+        if trainer.replicated:
             assert_replicas_equal(trainer.strategy, trainer.state_variables())
     return out
 
@@ -59,7 +59,7 @@ def semantics(strategy, config, steps):
     out = train(trainer, experiment, steps)
     values = out["hparam_values"].numpy()  # all-gathered: replica 0's rows, then replica 1's
     half = len(values) // 2
-    assert values.shape[0] == config.batch_size
+    assert values.shape[0] == config.data.batch_size
     assert not np.allclose(values[:half], values[half:]), "replicas drew the same samples"
     assert len(np.unique(values[:, 0])) > half, "per-example samples repeat"
     return trainer
@@ -89,7 +89,7 @@ def matches_single_device(strategy, config, steps):
     """With tune=False no hyperparameter noise is drawn, so a replicated run must equal the
     single-device run up to float32 summation order (the loss is summed per replica, then
     across replicas). Returns the largest weight difference relative to the weights' scale."""
-    config = dataclasses.replace(config, tune=False)
+    config = config.override(tune=False)
     weights = []
     for candidate in (None, strategy):
         experiment, trainer = build(config, candidate)
@@ -103,7 +103,7 @@ def same_evaluation_and_hyper_step(strategy, config):
     """From the same initial state, evaluation (sums over replicas, uneven last batch) and a
     hyper step without perturbation (tune_scales=False) are deterministic: both must match
     the single-device ones to float32 round-off. Returns the largest relative difference."""
-    config = dataclasses.replace(config, tune_scales=False)
+    config = config.override(tune_scales=False)
     runs = []
     for candidate in (None, strategy):
         experiment, trainer = build(config, candidate)
@@ -131,10 +131,8 @@ def main(folder):
     distribute.configure_cpu_devices(2)
     strategy = distribute.make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2
-    toy = dataclasses.replace(experiments.default_config("relu_toy"), batch_size=64,
-                              hyper_lr=0.03)
-    cnn = dataclasses.replace(experiments.default_config("cifar_cnn"), dataset=f"folder:{folder}",
-                              batch_size=8)
+    toy = experiments.default_config("relu_toy", batch_size=64, hyper_lr=0.03)
+    cnn = experiments.default_config("cifar_cnn", dataset=f"folder:{folder}", batch_size=8)
     report = {}
     semantics(strategy, toy, steps=8)
     semantics(strategy, cnn, steps=3)

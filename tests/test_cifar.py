@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ MEAN, STD = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
 def _config(name: str, dataset: str, **overrides) -> experiments.RunConfig:
     settings = dict(dataset=dataset, batch_size=4, epochs=1, warmup_epochs=0, log_every=2)
     settings.update(overrides)
-    return dataclasses.replace(experiments.default_config(name), **settings)
+    return experiments.default_config(name, **settings)
 
 
 def test_alexnet_declares_the_papers_fifteen_hyperparameters():

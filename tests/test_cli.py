@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from stn_pipeline import experiments, run
+from stn_pipeline.config import FLAGS, HELP, RunConfig, load_config
 
 STN_TRAIN = os.path.join(os.path.dirname(sys.executable), "stn-train")
 if not os.path.exists(STN_TRAIN):
@@ -112,16 +113,13 @@ def test_run_writes_results_config_and_flags(cli):
     for name in ("results.json", "config.json", "flags.txt"):
         assert os.path.isfile(os.path.join(logdir, name)), name
     assert glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
-    config = _load(logdir, "config.json")
-    assert config["experiment"] == "relu_toy" and config["epochs"] == 3
-    assert config["log_every"] == 10
-    # Flags left unset take the experiment's registered defaults.
-    defaults = experiments.default_config("relu_toy")
-    assert config["weight_optimizer"] == defaults.weight_optimizer
-    assert config["batch_size"] == defaults.batch_size
+    config = load_config(os.path.join(logdir, "config.json"))
+    # Flags given are set; flags left unset take the experiment's registered defaults.
+    assert config == experiments.default_config("relu_toy", epochs=3, log_every=10)
+    assert config.schedule.epochs == 3 and config.loop.log_every == 10
     results = _load(logdir, "results.json")
     assert results["epochs_run"] == 3
-    assert results["config"] == config
+    assert results["config"] == _load(logdir, "config.json")
     assert results["final_hparams"]["input_range"] > 0
     assert "val_loss" in results and "test_loss" in results
     flags_text = open(os.path.join(logdir, "flags.txt")).read()
@@ -134,10 +132,10 @@ def test_run_writes_results_config_and_flags(cli):
 def test_flagfile_is_read(cli):
     returncode, _, stderr = cli.result("flagfile")
     assert returncode == 0, stderr[-3000:]
-    config = _load(cli.paths["flagfile"], "config.json")
-    assert config["epochs"] == 2
-    assert config["toy_width"] == 8
-    assert config["toy_train_size"] == 512 and config["warmup_epochs"] == 1
+    config = load_config(os.path.join(cli.paths["flagfile"], "config.json"))
+    assert config.schedule.epochs == 2
+    assert config.toy.width == 8
+    assert config.toy.train_size == 512 and config.schedule.warmup_epochs == 1
     assert _load(cli.paths["flagfile"], "results.json")["epochs_run"] == 2
 
 
@@ -191,7 +189,7 @@ def test_invalid_settings_touch_no_logdir(cli):
 
 
 def _config(**changes):
-    return dataclasses.replace(experiments.default_config("relu_toy"), **changes)
+    return experiments.default_config("relu_toy", **changes)
 
 
 def test_defaults_are_valid():
@@ -206,9 +204,26 @@ def test_defaults_are_valid():
     ("max_examples", -5), ("tau", -0.1), ("valid_fraction", 0.0), ("valid_fraction", 1.0),
     ("weight_optimizer", "rmsprop"),
 ])
-def test_validate_config_names_the_flag(field, value):
+def test_out_of_range_settings_are_refused_naming_the_flag(field, value):
     with pytest.raises(run.ConfigError, match=rf"^--{field}\b.*{value}"):
-        run.validate_config(_config(**{field: value}))
+        _config(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("weight_lr", 0.0), ("tau", -0.1), ("toy_width", -3), ("valid_fraction", 1.0),
+    ("keep_checkpoints", 0), ("weight_optimizer", "rmsprop"),
+])
+def test_validate_config_names_the_flag_of_a_config_built_by_hand(field, value):
+    # A configuration built without `override` (by hand, from config.json) is checked by the run.
+    part, name = FLAGS[field]
+    config = _config()
+    if part is None:
+        config = dataclasses.replace(config, **{name: value})
+    else:
+        config = dataclasses.replace(config, **{part: dataclasses.replace(
+            getattr(config, part), **{name: value})})
+    with pytest.raises(run.ConfigError, match=rf"^--{field}\b.*{value}"):
+        run.validate_config(config)
 
 
 def test_validate_config_rejects_unknown_experiment():
@@ -216,8 +231,48 @@ def test_validate_config_rejects_unknown_experiment():
         run.validate_config(_config(experiment="nope"))
 
 
-def test_config_error_is_a_value_error():
-    assert issubclass(run.ConfigError, ValueError)  # what stn-train turns into one line
+def test_config_errors_reach_the_command_line_as_one_line(tmp_path, monkeypatch):
+    # stn-train turns the errors of building a run into one line and a non-zero exit.
+    from stn_pipeline_scripts import train
+    try:
+        train.FLAGS(["stn-train", "--experiment=relu_toy", "--tau=-1",
+                     f"--logdir={tmp_path / 'run'}"])
+        with pytest.raises(SystemExit) as exited:
+            train.main(["stn-train"])
+    finally:
+        train.FLAGS.unparse_flags()
+    assert exited.value.code == "stn-train: error: --tau must be >= 0, received -1.0."
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_round_trips_through_json():
+    config = experiments.default_config("cifar_cnn", data_dir="/data", tune=False, nonmono=3,
+                                        toy_r0=1.5, hparam_inits="dropout0=0.2", on_nan="skip")
+    written = json.loads(json.dumps(config.to_dict()))
+    assert RunConfig.from_dict(written) == config
+    assert written["trainer"]["tune"] is False and written["data"]["data_dir"] == "/data"
+    assert RunConfig.from_dict(written).toy.r0 == 1.5
+    with pytest.raises(run.ConfigError, match="no_such"):
+        RunConfig.from_dict({**written, "trainer": {**written["trainer"], "no_such": 1}})
+
+
+def test_flat_config_json_of_earlier_runs_is_read():
+    flat = {"experiment": "relu_toy", "epochs": 4, "weight_lr": 0.5, "toy_width": 8,
+            "nan_at_step": 0}
+    config = RunConfig.from_dict(flat)
+    assert (config.schedule.epochs, config.trainer.weight_lr, config.toy.width) == (4, 0.5, 8)
+
+
+def test_every_setting_has_one_flag_name_and_help():
+    config = experiments.default_config("relu_toy")
+    flat = config.as_flags()
+    assert set(flat) == set(FLAGS) == set(HELP)
+    assert flat["weight_lr"] == config.trainer.weight_lr and flat["toy_depth"] == config.toy.depth
+    assert config.override(**flat) == config
+    with pytest.raises(TypeError):  # keyword-only, frozen
+        RunConfig("relu_toy")  # noqa
+    with pytest.raises(run.ConfigError, match="unknown settings.*nan_at_step"):
+        config.override(nan_at_step=3)
 
 
 def _tiny_config():

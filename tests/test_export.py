@@ -315,7 +315,7 @@ def test_export_from_logdir_restores_the_best_checkpoint(tmp_path):
     _randomise(model, hparams, seed=7)
     logdir = tmp_path / "run"
     checkpoints.save_best(str(logdir), model, hparams, SPEC)
-    (logdir / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    (logdir / "config.json").write_text(json.dumps(config.to_dict()))
     (logdir / "results.json").write_text(json.dumps({"metadata": metadata, "trajectory": []}))
     path = export_cli.export_model(str(logdir))
     assert path == str(logdir / "export" / "1")
@@ -332,8 +332,8 @@ def test_export_from_logdir_restores_the_best_checkpoint(tmp_path):
 def test_stn_train_run_ends_with_an_export(tmp_path):
     """run_experiment (what stn-train calls) checkpoints and exports; relu_toy keeps it fast."""
     from stn_pipeline.run import run_experiment
-    config = dataclasses.replace(experiments.default_config("relu_toy"), epochs=1, warmup_epochs=0,
-                                 max_steps=4, toy_train_size=256, log_every=2)
+    config = experiments.default_config("relu_toy", epochs=1, warmup_epochs=0, max_steps=4,
+                                        toy_train_size=256, log_every=2)
     results = run_experiment(config, str(tmp_path / "toy"))
     assert results["export_path"] == str(tmp_path / "toy" / "export" / "1")
     with open(tmp_path / "toy" / "results.json") as handle:

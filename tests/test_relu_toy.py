@@ -1,6 +1,5 @@
 """Tests for the deep-ReLU toy of the STN paper: the model, and that tuning finds r close to 2."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -73,8 +72,8 @@ def test_relu_toy_loss_is_squared_error():
 
 
 def test_tuning_moves_the_input_range_towards_two(tmp_path):
-    config = dataclasses.replace(experiments.default_config("relu_toy"), seed=0, toy_r0=1.0)
-    assert config.epochs >= 10 and config.tune  # the defaults do tune, for several epochs
+    config = experiments.default_config("relu_toy", seed=0, toy_r0=1.0)
+    assert config.schedule.epochs >= 10 and config.trainer.tune  # the defaults do tune, for several epochs
     results = run.run_experiment(config, str(tmp_path / "relu_toy"))
     initial = results["initial_hparams"]["input_range"]
     final = results["final_hparams"]["input_range"]
@@ -97,5 +96,5 @@ def test_tuning_moves_the_input_range_towards_two(tmp_path):
     with open(tmp_path / "relu_toy" / "results.json") as handle:
         saved = json.load(handle)
     assert saved["final_hparams"]["input_range"] == pytest.approx(final)
-    assert saved["hyper_steps"] > 0 and saved["weight_steps"] == config.epochs * (
-        config.toy_train_size // config.batch_size)
+    assert saved["hyper_steps"] > 0 and saved["weight_steps"] == config.schedule.epochs * (
+        config.toy.train_size // config.data.batch_size)

@@ -3,8 +3,8 @@ and bad flag combinations."""
 
 from __future__ import annotations
 
-import dataclasses
 import glob
+import itertools
 import json
 import os
 import signal
@@ -18,7 +18,10 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from stn_pipeline import checkpoints, experiments, run
+from stn_pipeline.config import load_config
+from stn_pipeline.trainer import StnTrainer
 from stn_pipeline.training import NonFiniteError
+from stn_pipeline_scripts import train as train_script
 
 TOY = ["--experiment=relu_toy", "--epochs=12", "--checkpoint_every=64", "--deterministic",
        "--log_every=16"]
@@ -44,7 +47,26 @@ def _variables(path):
 def _toy_config(**overrides) -> experiments.RunConfig:
     settings = dict(epochs=12, checkpoint_every=64, log_every=16)
     settings.update(overrides)
-    return dataclasses.replace(experiments.default_config("relu_toy"), **settings)
+    return experiments.default_config("relu_toy", **settings)
+
+
+def _nan_inputs_at(monkeypatch, step: int) -> None:
+    """Trainers built from now on get a batch of NaN inputs at weight step `step` (1-based, of
+    this process), as a corrupt example would: the loss and gradients turn non-finite."""
+    build = StnTrainer.__init__
+
+    def build_then_wrap(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        compiled, calls = self.weight_step, itertools.count(1)
+
+        def weight_step(inputs, targets):
+            if next(calls) == step:
+                inputs = inputs * float("nan")
+            return compiled(inputs, targets)
+
+        self.weight_step = weight_step
+
+    monkeypatch.setattr(StnTrainer, "__init__", build_then_wrap)
 
 
 def test_killed_run_resumes_bitwise(tmp_path):
@@ -89,10 +111,11 @@ def _scalar_events(logdir, tag):
     return events.Tensors(tag)
 
 
-def test_nan_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+def test_nan_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     logdir = str(tmp_path / "nan")
+    _nan_inputs_at(monkeypatch, 150)
     with pytest.raises(NonFiniteError, match="weight step 150"):
-        run.run_experiment(_toy_config(nan_at_step=150), logdir)
+        run.run_experiment(_toy_config(), logdir)
     latest = tf.train.latest_checkpoint(os.path.join(logdir, "checkpoints"))
     assert latest.endswith("ckpt-128")
     values = _variables(latest)
@@ -101,19 +124,21 @@ def test_nan_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(logdir, "results.json"))
 
 
-def test_nan_skip_mode_counts_and_finishes(tmp_path):
-    results = run.run_experiment(_toy_config(nan_at_step=150, on_nan="skip", epochs=6),
-                                 str(tmp_path / "skip"))
+def test_nan_skip_mode_counts_and_finishes(tmp_path, monkeypatch):
+    _nan_inputs_at(monkeypatch, 150)
+    results = run.run_experiment(_toy_config(on_nan="skip", epochs=6), str(tmp_path / "skip"))
     assert results["skipped_nonfinite_steps"] == 1
     assert np.isfinite(results["val_loss"])
     skipped = _scalar_events(tmp_path / "skip", "train/skipped_nonfinite_steps")
     assert [e.step for e in skipped] == [150]
 
 
-def test_damaged_checkpoint_is_named_and_fallback_resumes(tmp_path):
+def test_damaged_checkpoint_is_named_and_fallback_resumes(tmp_path, monkeypatch):
     logdir = str(tmp_path / "damaged")
+    _nan_inputs_at(monkeypatch, 150)
     with pytest.raises(NonFiniteError):  # leaves a run with checkpoints 64 and 128
-        run.run_experiment(_toy_config(nan_at_step=150), logdir)
+        run.run_experiment(_toy_config(), logdir)
+    monkeypatch.undo()
     newest = os.path.join(logdir, "checkpoints", "ckpt-128.data-00000-of-00001")
     with open(newest, "r+b") as handle:
         handle.truncate(os.path.getsize(newest) // 2)
@@ -142,28 +167,46 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert _variables(os.path.join(logdir, "checkpoints", "ckpt-32"))
 
 
-def test_logdir_with_another_configuration_is_refused_then_moved_aside(tmp_path):
+def test_logdir_with_another_configuration_is_refused_then_moved_aside(tmp_path, monkeypatch):
     logdir = str(tmp_path / "clash")
+    _nan_inputs_at(monkeypatch, 70)
     with pytest.raises(NonFiniteError):
-        run.run_experiment(_toy_config(nan_at_step=70), logdir)
+        run.run_experiment(_toy_config(), logdir)
     with pytest.raises(run.ConfigError, match="--toy_width: 32 -> 16"):
         run.run_experiment(_toy_config(toy_width=16), logdir)
     run.prepare_logdir(logdir, _toy_config(toy_width=16), overwrite=True)
     aside = glob.glob(logdir + ".old-*")
     assert len(aside) == 1 and os.path.exists(os.path.join(aside[0], "checkpoints"))
-    with open(os.path.join(aside[0], "config.json")) as handle:
-        assert json.load(handle)["toy_width"] == 32
+    assert load_config(os.path.join(aside[0], "config.json")).toy.width == 32
     assert os.path.isdir(logdir) and not os.listdir(logdir)
 
 
-def test_cli_clash_message_shows_flags_and_exits_nonzero(tmp_path):
+@pytest.fixture
+def parsed_flags():
+    """Parses stn-train's flags in this process; restores them afterwards."""
+    def parse(*args):
+        return train_script.FLAGS(["stn-train", *args])
+
+    yield parse
+    train_script.FLAGS.unparse_flags()
+
+
+def test_cli_nan_and_clash_messages_are_one_line_and_exit_nonzero(tmp_path, monkeypatch,
+                                                                   parsed_flags):
     logdir = tmp_path / "cli"
-    first = _train(logdir, "--nan_at_step=70")
-    assert first.returncode != 0 and "weight step 70" in first.stderr.strip().splitlines()[-1]
+    _nan_inputs_at(monkeypatch, 70)
+    # stn-train's main, in this process (so that the fault can be injected): it exits with the
+    # one-line message as its status, which Python prints to stderr with exit code 1.
+    argv = parsed_flags(*[f for f in TOY if f != "--deterministic"], f"--logdir={logdir}")
+    with pytest.raises(SystemExit) as exited:
+        train_script.main(argv)
+    message = str(exited.value.code)
+    assert message.startswith("stn-train: error: non-finite") and "\n" not in message
+    assert "weight step 70" in message
+    assert "--log_every=16" in (logdir / "flags.txt").read_text()
     clash = _train(logdir, "--toy_depth=2")
     assert clash.returncode != 0 and "Traceback" not in clash.stderr
     assert "--toy_depth: 3 -> 2" in clash.stderr.strip().splitlines()[-1]
-    assert "--nan_at_step=70" in (logdir / "flags.txt").read_text()
 
 
 BAD = [
@@ -195,9 +238,9 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, flag", BAD, ids=[str(b[0]) for b in BAD])
 def test_bad_settings_fail_before_any_work(overrides, flag, tmp_path):
-    config = dataclasses.replace(_toy_config(), **overrides)
     with pytest.raises(run.ConfigError, match=flag.replace("[", r"\[")):
-        run.run_experiment(config, str(tmp_path / "never"))
+        # Out-of-range values are refused as the configuration is built, the others by the run.
+        run.run_experiment(_toy_config(**overrides), str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()  # refused before the logdir was even made
 
 

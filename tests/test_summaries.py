@@ -1,7 +1,6 @@
 """Tests for stn_pipeline.summaries: the TensorBoard record of a short relu_toy run."""
 
 import collections
-import dataclasses
 import glob
 import json
 import os
@@ -38,8 +37,8 @@ def _read_events(logdir):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     logdir = str(tmp_path_factory.mktemp("summaries") / "run")
-    config = dataclasses.replace(experiments.default_config("relu_toy"), seed=0, epochs=EPOCHS,
-                                 warmup_epochs=WARMUP, log_every=LOG_EVERY)
+    config = experiments.default_config("relu_toy", seed=0, epochs=EPOCHS, warmup_epochs=WARMUP,
+                                        log_every=LOG_EVERY)
     results = run.run_experiment(config, logdir)
     events, plugins = _read_events(logdir)
     return config, results, events, plugins
@@ -68,7 +67,7 @@ def test_per_example_hparam_histogram(short_run):
     assert any(plugin == "histograms" for _, plugin, _ in records)
     for _, _, array in records:
         assert array.ndim == 2 and array.shape[1] == 3
-        assert array[:, 2].sum() == pytest.approx(config.batch_size)  # one count per example
+        assert array[:, 2].sum() == pytest.approx(config.data.batch_size)  # one count per example
 
 
 def test_hparams_plugin_record(short_run):
@@ -103,12 +102,12 @@ def test_scales_are_positive_and_logged_with_values(short_run):
     assert scales and all(value > 0 for _, value in scales)
     assert [step for step, _ in scales] == [step for step, _ in values]
     # During the warm-up nothing is tuned: the logged value and scale are the declared inits.
-    warmup_end = WARMUP * (config.toy_train_size // config.batch_size)
+    warmup_end = WARMUP * (config.toy.train_size // config.data.batch_size)
     warmup = [(s, v) for (step, s), (_, v) in zip(scales, values) if step <= warmup_end]
     assert warmup
     for scale, value in warmup:
         assert scale == pytest.approx(input_range_hparam().scale_init, abs=1e-6)
-        assert value == pytest.approx(config.toy_r0, abs=1e-5)
+        assert value == pytest.approx(config.toy.r0, abs=1e-5)
     # Afterwards the scale is tuned too.
     assert len({scale for step, scale in scales if step > warmup_end}) > 1
     assert scales[-1][1] != pytest.approx(input_range_hparam().scale_init, abs=1e-6)
@@ -116,7 +115,7 @@ def test_scales_are_positive_and_logged_with_values(short_run):
 
 def test_steps_follow_log_every_and_the_epochs(short_run):
     config, results, events, _ = short_run
-    steps_per_epoch = config.toy_train_size // config.batch_size
+    steps_per_epoch = config.toy.train_size // config.data.batch_size
     total = EPOCHS * steps_per_epoch
     train_steps = sorted(step for step, _ in _scalars(events, "train/loss"))
     expected = sorted(set(range(LOG_EVERY, total + 1, LOG_EVERY)) | {total})
@@ -152,14 +151,14 @@ def test_hyper_loss_is_loss_minus_tau_entropy(short_run):
     for step in loss:
         numpy_entropy = np.log(scale[step] * np.sqrt(2.0 * np.pi * np.e))
         assert entropy[step] == pytest.approx(numpy_entropy, abs=0.05)
-        assert hyper_loss[step] == pytest.approx(loss[step] - config.tau * numpy_entropy,
+        assert hyper_loss[step] == pytest.approx(loss[step] - config.trainer.tau * numpy_entropy,
                                                  abs=1e-4)
 
 
 def test_learning_rate_scalar_is_the_weight_lr(short_run):
     config, _, events, _ = short_run
     for _, value in _scalars(events, "epoch/learning_rate"):
-        assert value == pytest.approx(config.weight_lr)
+        assert value == pytest.approx(config.trainer.weight_lr)
 
 
 def test_run_logger_histograms_and_state(tmp_path):

@@ -40,12 +40,12 @@ def _hparams(seed=0):
     ], seed=seed)
 
 
-def _trainer(**config):
+def _trainer(seed=0, **config):
     hparams = _hparams()
     model = TinyNet(hparams)
     spec = tf.TensorSpec([None, INPUTS], tf.float32)
     target_spec = tf.TensorSpec([None], tf.int64)
-    return StnTrainer(model, hparams, spec, target_spec, TrainerConfig(**config))
+    return StnTrainer(model, hparams, spec, target_spec, TrainerConfig(**config), seed=seed)
 
 
 def _batch(size, seed):
@@ -163,6 +163,26 @@ def test_hyper_step_without_tune_scales_leaves_the_scale_unchanged():
     np.testing.assert_array_equal(trainer.hparams.unconstrained_scale.numpy(), scale_before)
     assert np.any(trainer.hparams.unconstrained_value.numpy() != value_before)
     assert int(trainer.scale_optimizer.iterations.numpy()) == 0
+
+
+def test_hyper_step_of_a_frozen_trainer_changes_nothing():
+    # tune=False is the fixed-hyperparameter baseline, also in a hand-written loop: hyper steps
+    # only measure the validation loss.
+    trainer = _trainer(tune=False, tune_scales=True, hyper_lr=0.1, scale_lr=0.1)
+    _randomise_gates(trainer)  # so that the hyper-gradient is not zero
+    watched = _hparam_variables(trainer) + [trainer.hparams.generator.state]
+    before = _snapshot(watched + list(trainer.model.variables))
+    inputs, targets = _batch(16, seed=7)
+    for _ in range(3):
+        out = trainer.hyper_step(inputs, targets)
+    for variable, value in zip(watched + list(trainer.model.variables), before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.name)
+    assert int(trainer.hyper_optimizer.iterations.numpy()) == 0
+    assert int(trainer.scale_optimizer.iterations.numpy()) == 0
+    # It still reports the clean validation loss, as `evaluate` measures it.
+    losses, _ = _numpy_losses(trainer, inputs.numpy(), targets.numpy())
+    assert float(out["loss"]) == pytest.approx(losses.mean(), rel=1e-5)
+    assert bool(out["finite"])
 
 
 def test_weight_step_changes_weights_but_no_hparam():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -44,11 +43,10 @@ _DRIVER = textwrap.dedent("""
 def cifar_run(cifar_folder, tmp_path_factory):
     """A short cifar_cnn run on a slice of the shared CIFAR-10, with resume checkpoints."""
     logdir = str(tmp_path_factory.mktemp("trainer_export") / "run")
-    config = dataclasses.replace(
-        experiments.default_config("cifar_cnn"), dataset=f"folder:{cifar_folder}",
-        max_examples=640, batch_size=32, epochs=2, log_every=8)
+    config = experiments.default_config("cifar_cnn", dataset=f"folder:{cifar_folder}",
+                                        max_examples=640, batch_size=32, epochs=2, log_every=8)
     run.run_experiment(config, logdir)
-    splits = data.load_splits(config.dataset, max_examples=640)
+    splits = data.load_splits(config.data.dataset, max_examples=640)
     train = list(data.eval_batches(splits.train, 32).take(5))
     valid = next(iter(data.eval_batches(splits.valid, 32)))
     arrays = {f"{kind}{k}": t.numpy() for k, (x, y) in enumerate(train)
@@ -97,8 +95,8 @@ def test_reloaded_trainer_trains_like_the_library(cifar_run, tmp_path):
     assert sum(not np.array_equal(b, a) for b, a in zip(before, after)) >= len(before) - 1
 
     # stn-train continues from the state the reloaded trainer wrote back.
-    config = experiments.RunConfig(**_config(logdir))
-    results = run.run_experiment(dataclasses.replace(config, epochs=2), str(tmp_path / "next"),
+    config = experiments.RunConfig.from_dict(_config(logdir))
+    results = run.run_experiment(config.override(epochs=2), str(tmp_path / "next"),
                                  init_from=written)
     expected = dict(zip(reloaded.hparams.names, reloaded.hparams.constrained().numpy().tolist()))
     assert results["initial_hparams"] == expected
