@@ -54,6 +54,8 @@ _HELP = {
     "on_nan": "'stop' (exit non-zero) or 'skip' (skip and count) a non-finite step.",
     "nan_at_step": "Test hook: make the weight loss NaN at this weight step (0: never).",
     "hparam_inits": "Initial values, e.g. 'dropout0=0.2,cutout_length=8'.",
+    "precision": "'float32' or 'mixed_bfloat16' (STN layers' matmuls and convolutions in "
+                 "bfloat16, variables and losses float32; README 'Precision').",
     "toy_depth": "relu_toy: number of hidden layers.",
     "toy_width": "relu_toy: units per hidden layer.",
     "toy_r0": "relu_toy: initial input half-width r.",

@@ -53,6 +53,7 @@ class RunConfig:
     on_nan: str = "stop"
     nan_at_step: int = 0
     hparam_inits: str = ""
+    precision: str = "float32"  # or "mixed_bfloat16": see stn_pipeline/precision.py
     # relu_toy
     toy_depth: int = 3
     toy_width: int = 32

@@ -10,7 +10,7 @@ import time
 
 from absl import logging
 
-from stn_pipeline import distribute, experiments, export
+from stn_pipeline import distribute, experiments, export, precision
 from stn_pipeline.checkpoints import RunCheckpoints, restore_trainer
 from stn_pipeline.summaries import RunLogger, write_json
 from stn_pipeline.trainer import StnTrainer
@@ -34,7 +34,7 @@ _NON_NEGATIVE = ("max_steps", "warmup_epochs", "hyper_steps", "nonmono", "patien
 _POSITIVE_FLOAT = ("weight_lr", "hyper_lr", "scale_lr", "toy_r0")
 # Settings that may change when a run is resumed: they do not change what is being trained.
 _RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-              "on_nan", "nan_at_step", "patience"}
+              "on_nan", "nan_at_step", "patience", "precision"}
 
 
 def validate_config(config: experiments.RunConfig) -> None:
@@ -61,6 +61,9 @@ def validate_config(config: experiments.RunConfig) -> None:
     if config.tune and config.warmup_epochs >= config.epochs:
         raise ConfigError(f"--warmup_epochs={config.warmup_epochs} leaves no epoch of tuning "
                           f"within --epochs={config.epochs}.")
+    if config.precision not in precision.PRECISIONS:
+        raise ConfigError(f"--precision must be one of {sorted(precision.PRECISIONS)}, "
+                          f"received {config.precision!r}.")
     if not config.dataset.strip():
         raise ConfigError("--dataset is empty; give a TFDS name or folder:<dir>.")
     try:
@@ -161,6 +164,7 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
         # Every variable (model, hyperparameters, generators, optimizer slots) is created in
         # the strategy scope, so each is mirrored over the replicas.
         experiment = experiments.build_experiment(config)
+        precision.apply_precision(experiment.model, config.precision)
         if write_dir == resume_dir:
             write_json(os.path.join(resume_dir, METADATA_FILE), experiment.metadata)
         trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
@@ -184,7 +188,9 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
     logger.close()
     write_json(os.path.join(logdir, RESULTS_FILE), results)
     logging.info("results written to %s", os.path.join(logdir, RESULTS_FILE))
-    # The model is at its best-validation state (fit restored it): checkpoint and export it.
+    # The model is at its best-validation state (fit restored it): checkpoint and export it,
+    # in float32 at every precision (the folded kernels are float32 anyway).
+    precision.apply_precision(experiment.model, "float32")
     results.update(export.export_run(logdir, experiment.model, experiment.hparams,
                                      experiment.input_spec, results))
     write_json(os.path.join(logdir, RESULTS_FILE), results)
