@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from absl import app, flags
 
 import plain_models
 from stn_pipeline import precision as precision_lib
@@ -36,6 +37,23 @@ MODELS = {"cifar_cnn": (cifar_cnn_hparams, CifarCnn, plain_models.plain_cifar_cn
 IMAGES = tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8)
 LABELS = tf.TensorSpec([None], tf.int64)
 RESULT_PREFIX = "RESULT_JSON "
+# STN cycles per timed repetition (and per memory child): a repetition takes a few seconds.
+UNITS = {"cifar_cnn": 10, "cifar_alexnet": 2}
+
+
+def define_flags(section: str, reps: int) -> None:
+    """The flags every training benchmark shares; `section` names its part of BENCHMARKS.md."""
+    flags.DEFINE_list("models", list(MODELS), "Models to benchmark.")
+    flags.DEFINE_integer("steps", 0, "Units per repetition (STN cycles; 0: the model's default).")
+    flags.DEFINE_integer("reps", reps, "Timed repetitions per model.")
+    flags.DEFINE_integer("batch_size", 128, "Examples per step.")
+    flags.DEFINE_bool("write", True, f"Rewrite the {section} section of BENCHMARKS.md.")
+
+
+def check_models(models: list[str]) -> None:
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise app.UsageError(f"Unknown models {unknown}; choose from {sorted(MODELS)}.")
 
 
 def build_stn(name: str, precision: str = "float32") -> StnTrainer:

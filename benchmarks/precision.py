@@ -29,15 +29,11 @@ from report import (cpu_bf16_line, fmt_ratio, load_line, machine_line,  # noqa: 
                     replace_section, table)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", list(harness.MODELS), "Models to benchmark.")
-flags.DEFINE_integer("steps", 0, "Units per repetition (STN cycles; 0: the model's default).")
-flags.DEFINE_integer("reps", 5, "Timed repetitions per model.")
-flags.DEFINE_integer("batch_size", 128, "Examples per step.")
+harness.define_flags("precision", reps=5)
 flags.DEFINE_bool("jit", True, "Also time jit_compile=True (XLA) at both precisions.")
 flags.DEFINE_bool("memory", True, "Measure the peak RSS of each configuration (subprocesses).")
-flags.DEFINE_bool("write", True, "Rewrite the precision section of BENCHMARKS.md.")
 
-UNITS = {"cifar_cnn": 6, "cifar_alexnet": 1}
+UNITS = {"cifar_cnn": 6, "cifar_alexnet": 1}  # four configurations share each repetition
 PRECISIONS = ("float32", "mixed_bfloat16")
 TARGET = {"cifar_alexnet": 1.5}  # bf16 / float32 cycle on a CPU with bfloat16 instructions
 
@@ -104,9 +100,7 @@ def report(results: dict, peaks: dict, load_start, minutes: float) -> str:
 
 def main(argv):
     del argv
-    unknown = [m for m in FLAGS.models if m not in harness.MODELS]
-    if unknown:
-        raise app.UsageError(f"Unknown models {unknown}; choose from {sorted(harness.MODELS)}.")
+    harness.check_models(FLAGS.models)
     load_start, clock = os.getloadavg(), time.time()
     print(f"{machine_line()}; {cpu_bf16_line()}; started {datetime.datetime.now():%H:%M}",
           flush=True)

@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: the machine line, tables and section rewriting of BENCHMARKS.md."""
+"""Shared by the benchmark scripts: machine lines, tables and sections of BENCHMARKS.md."""
 
 from __future__ import annotations
 

@@ -30,13 +30,8 @@ import harness  # noqa: E402
 from report import fmt_ratio, load_line, machine_line, replace_section, table  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", list(harness.MODELS), "Models to benchmark.")
-flags.DEFINE_integer("steps", 0, "Units per repetition (STN cycles; 0: the model's default).")
-flags.DEFINE_integer("reps", 7, "Timed repetitions per model.")
-flags.DEFINE_integer("batch_size", 128, "Examples per step.")
-flags.DEFINE_bool("write", True, "Rewrite the throughput section of BENCHMARKS.md.")
+harness.define_flags("throughput", reps=7)
 
-UNITS = {"cifar_cnn": 10, "cifar_alexnet": 2}  # keeps a repetition at a few seconds
 
 
 def time_model(name: str, units: int, reps: int, batch_size: int) -> dict:
@@ -67,7 +62,8 @@ def report(results: dict, batch_size: int, load_start, minutes: float) -> str:
         low, high = r["cycle_ratio_range"]
         rows.append([name, batch_size, f"{r['reps']} x {r['units']} cycles", f"{s['ips']:.0f}",
                      f"{s['weight_ips']:.0f}", f"{s['hyper_ips']:.0f}", f"{s['train_ips']:.0f}",
-                     f"{p['ips']:.0f}", f"{fmt_ratio(r['cycle_ratio'], 0.5)} [{low:.2f}-{high:.2f}]",
+                     f"{p['ips']:.0f}",
+                     f"{fmt_ratio(r['cycle_ratio'], 0.5)} [{low:.2f}-{high:.2f}]",
                      f"{r['weight_ratio']:.2f}x", f"{r['bias_add_ratio']:.2f}x"])
         notes.append(f"{name}: STN {r['stn_params'] / 1e6:.2f}M weights (two paths + gates), "
                      f"plain {r['plain_params'] / 1e6:.2f}M")
@@ -111,13 +107,11 @@ precision section, peak memory in the memory section.
 
 def main(argv):
     del argv
-    unknown = [m for m in FLAGS.models if m not in harness.MODELS]
-    if unknown:
-        raise app.UsageError(f"Unknown models {unknown}; choose from {sorted(harness.MODELS)}.")
+    harness.check_models(FLAGS.models)
     load_start, clock = os.getloadavg(), time.time()
     print(f"{machine_line()}; started {datetime.datetime.now():%H:%M}", flush=True)
-    results = {name: time_model(name, FLAGS.steps or UNITS[name], FLAGS.reps, FLAGS.batch_size)
-               for name in FLAGS.models}
+    results = {name: time_model(name, FLAGS.steps or harness.UNITS[name], FLAGS.reps,
+                                FLAGS.batch_size) for name in FLAGS.models}
     text = report(results, FLAGS.batch_size, load_start, (time.time() - clock) / 60)
     print("\n" + text)
     if FLAGS.write:
