@@ -9,6 +9,8 @@ variables at either precision, and a run can resume at the other one.
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 from absl import logging
 
@@ -44,32 +46,36 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str] | None:
     return [flag for flag in _BF16_CPU_FLAGS if flag in flags]
 
 
-def _probe(dtype: tf.DType) -> None:
-    """Runs a tiny matmul and convolution in `dtype` on the default device."""
-    tf.matmul(tf.ones([2, 2], dtype), tf.ones([2, 2], dtype)).numpy()
-    tf.nn.conv2d(tf.ones([1, 3, 3, 1], dtype), tf.ones([2, 2, 1, 1], dtype), 1, "SAME").numpy()
+@functools.lru_cache(maxsize=None)
+def _device_problem(dtype_name: str) -> str | None:
+    """Why the default device cannot run `dtype_name` matmuls and convolutions (None: it can).
+
+    Probed once per process with a tiny matmul and convolution; a CPU without bfloat16
+    instructions runs them emulated, slower than float32, which gets one warning.
+    """
+    dtype = tf.as_dtype(dtype_name)
+    try:
+        tf.matmul(tf.ones([2, 2], dtype), tf.ones([2, 2], dtype)).numpy()
+        tf.nn.conv2d(tf.ones([1, 3, 3, 1], dtype), tf.ones([2, 2, 1, 1], dtype), 1, "SAME").numpy()
+    except (tf.errors.OpError, TypeError) as error:
+        return str(getattr(error, "message", error)).strip().splitlines()[0]
+    if not tf.config.list_logical_devices("GPU") and cpu_bf16_flags() == []:
+        logging.warning("%s: this CPU has no avx512_bf16/amx_bf16 instructions; TensorFlow "
+                        "emulates %s, likely slower than float32.", dtype_name, dtype_name)
+    return None
 
 
 def check_precision(precision: str) -> tf.DType:
     """Validates `precision` on this device and returns its compute dtype.
 
-    Raises `PrecisionError` when the name is unknown or the default device cannot run bfloat16
-    matmuls and convolutions; logs one warning when the device is a CPU without bfloat16
-    instructions (TensorFlow then emulates bfloat16, which is slower than float32).
+    Raises `PrecisionError` when the name is unknown or the default device cannot run its
+    matmuls and convolutions.
     """
     dtype = compute_dtype(precision)
-    if dtype == tf.float32:
-        return dtype
-    try:
-        _probe(dtype)
-    except (tf.errors.OpError, TypeError) as error:
-        reason = str(getattr(error, "message", error)).strip().splitlines()[0]
-        raise PrecisionError(f"--precision={precision}: this device cannot run bfloat16 "
-                             f"matmuls and convolutions ({reason}); use --precision=float32."
-                             ) from None
-    if not tf.config.list_logical_devices("GPU") and cpu_bf16_flags() == []:
-        logging.warning("--precision=%s: this CPU has no avx512_bf16/amx_bf16 instructions; "
-                        "bfloat16 is emulated and likely slower than float32.", precision)
+    problem = None if dtype == tf.float32 else _device_problem(dtype.name)
+    if problem:
+        raise PrecisionError(f"--precision={precision}: this device cannot run {dtype.name} "
+                             f"matmuls and convolutions ({problem}); use --precision=float32.")
     return dtype
 
 

@@ -61,9 +61,10 @@ def validate_config(config: experiments.RunConfig) -> None:
     if config.tune and config.warmup_epochs >= config.epochs:
         raise ConfigError(f"--warmup_epochs={config.warmup_epochs} leaves no epoch of tuning "
                           f"within --epochs={config.epochs}.")
-    if config.precision not in precision.PRECISIONS:
-        raise ConfigError(f"--precision must be one of {sorted(precision.PRECISIONS)}, "
-                          f"received {config.precision!r}.")
+    try:
+        precision.check_precision(config.precision)  # the name, and whether the device can
+    except precision.PrecisionError as error:
+        raise ConfigError(str(error)) from None
     if not config.dataset.strip():
         raise ConfigError("--dataset is empty; give a TFDS name or folder:<dir>.")
     try:
