@@ -1,4 +1,4 @@
-"""Plain (non-STN) baselines of `cifar_cnn` and `cifar_alexnet` for the throughput benchmark.
+"""Plain (non-STN) baselines of `cifar_cnn` and `cifar_alexnet` for the training benchmarks.
 
 Each baseline has the architecture of its STN counterpart (same filters, kernel sizes, strides,
 paddings, pools and fc widths) built from ordinary layers: `tf.nn.conv2d` + bias and
@@ -10,8 +10,7 @@ raw uint8 images normalised inside the compiled step, as the STN models do.
 The weight update is SGD with heavy-ball momentum 0.9 (v = m v + g; w -= lr v) with TensorFlow's
 single-kernel `ResourceApplyMomentum`, as `stn_pipeline.optimizers.Momentum` does since f81dbee,
 so the benchmark compares network cost, not optimizer implementations. `fused=False` writes the
-same arithmetic as two variable assignments (the library's previous rule), which the benchmark
-times to show what fusing saves.
+same arithmetic as two variable assignments (the library's previous rule).
 """
 
 from __future__ import annotations

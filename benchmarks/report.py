@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: the machine line and section rewriting of BENCHMARKS.md."""
+"""Shared by the benchmark scripts: machine lines, tables and sections of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -35,3 +35,35 @@ def replace_section(name: str, body: str, path: str = BENCHMARKS_MD) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as handle:
         handle.write(text)
+
+
+def cpu_bf16_line() -> str:
+    """Whether this CPU has bfloat16 instructions (what decides `--precision=mixed_bfloat16`)."""
+    from stn_pipeline.precision import cpu_bf16_flags  # pylint: disable=import-outside-toplevel
+    flags = cpu_bf16_flags()
+    if flags is None:
+        return "CPU flags unreadable (no /proc/cpuinfo)"
+    return ("bfloat16 instructions: " + ", ".join(flags) if flags
+            else "no bfloat16 instructions (neither avx512_bf16 nor amx_bf16)")
+
+
+def load_line(start: tuple[float, float, float]) -> str:
+    """Load averages at the start and the end of a run (the machine is shared)."""
+    end = os.getloadavg()
+    return ("Load average (1, 5, 15 min) at start / end: "
+            + ", ".join(f"{v:.1f}" for v in start) + " / " + ", ".join(f"{v:.1f}" for v in end))
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_ratio(value: float, target: float | None = None) -> str:
+    """`0.55x`, with `(meets)` / `(MISSES)` against a lower bound `target`."""
+    text = f"{value:.2f}x"
+    if target is not None:
+        text += " (meets)" if value >= target else " (MISSES)"
+    return text

@@ -63,6 +63,7 @@ class RunConfig:
     seed: int = 0
     hparam_inits: str = ""
     keep_checkpoints: int = 3
+    precision: str = "float32"  # or "mixed_bfloat16": see stn_pipeline/precision.py
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     loop: LoopOptions = dataclasses.field(default_factory=LoopOptions)
@@ -158,6 +159,8 @@ HELP = {
     "seed": "Seed of initialisation, data order, perturbations and masks.",
     "hparam_inits": "Initial values, e.g. 'dropout0=0.2,cutout_length=8'.",
     "keep_checkpoints": "How many resume checkpoints to keep.",
+    "precision": "'float32' or 'mixed_bfloat16' (STN layers' matmuls and convolutions in "
+                 "bfloat16, variables and losses float32; README 'Precision').",
     "weight_optimizer": "'sgd' (momentum 0.9) or 'adam'.",
     "weight_lr": "Learning rate of the model weights.",
     "hyper_lr": "Adam learning rate of the hyperparameters.",

@@ -298,6 +298,8 @@ def export_metadata(model: StnModel, hparams: HyperParameters, input_spec: tf.Te
                     if k.startswith(("val_", "test_")) and isinstance(v, (int, float))},
         "best_epoch": results.get("best_epoch"),
         "training_config": results.get("config"),
+        # The export computes in float32 whatever precision trained it.
+        "trained_precision": (results.get("config") or {}).get("precision", "float32"),
         "dataset": run_metadata,
     }
     if isinstance(model, StnImageClassifier):

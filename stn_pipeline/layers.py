@@ -8,6 +8,11 @@ map V from the H hypernet inputs to 2 * D_out gates, and a learnable scalar c:
 with one gate per output unit (dense) or output channel (conv), broadcast over space. At a fixed
 h the layer is an ordinary layer with kernel c W_e + W_h diag(h V_w); `folded` returns it.
 
+Precision: variables are always float32. A layer's `compute_dtype` (float32 unless
+`precision.apply_precision` sets bfloat16) is the dtype of its matmuls/convolutions: inputs and
+kernels are cast to it once per call, and the products are cast back to float32 before the gated
+combine, so gates, biases, outputs and every gradient reaching a variable stay float32.
+
 #### References
 MacKay et al., Self-Tuning Networks, ICLR 2019, https://arxiv.org/abs/1903.03088 (section 4.2)
 """
@@ -34,6 +39,8 @@ class _StnLayer(tf.Module):
                              f"fan_in={fan_in}, output_size={output_size}, num_hparams={num_hparams}.")
         self.output_size = output_size
         self.num_hparams = num_hparams
+        # The dtype of the matmuls/convolutions; set it before the first call is traced.
+        self.compute_dtype = tf.float32
         bound = 1.0 / math.sqrt(fan_in)
         init = (tf.random.Generator.from_non_deterministic_state() if seed is None
                 else tf.random.Generator.from_seed(seed))
@@ -45,6 +52,10 @@ class _StnLayer(tf.Module):
             self.gate_kernel = tf.Variable(
                 init.normal([num_hparams, 2 * output_size], stddev=_GATE_STDDEV), name="gate_kernel")
             self.elementary_scale = tf.Variable(1.0, name="elementary_scale")
+
+    def _to_compute(self, tensor: tf.Tensor) -> tf.Tensor:
+        """`tensor` in the compute dtype (tf.cast is a no-op when the dtype already matches)."""
+        return tf.cast(tensor, self.compute_dtype)
 
     def gates(self, hnet_input: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """[B, H] hypernet input -> weight gates and bias gates, each [B, D_out]."""
@@ -90,7 +101,8 @@ class StnDense(_StnLayer):
 
     def __call__(self, inputs: tf.Tensor, hnet_input: tf.Tensor) -> tf.Tensor:
         """[B, D_in] inputs and [B, H] hypernet input -> [B, D_out]."""
-        return self._combine(tf.matmul(inputs, self.kernel), hnet_input)
+        both = tf.matmul(self._to_compute(inputs), self._to_compute(self.kernel))
+        return self._combine(tf.cast(both, tf.float32), hnet_input)
 
 
 class StnConv2D(_StnLayer):
@@ -127,11 +139,15 @@ class StnConv2D(_StnLayer):
         kernel_e, kernel_h = tf.split(self.kernel, 2, axis=-1)
         bias_e, bias_h = tf.split(self.bias, 2)
         weight_gate, bias_gate = self.gates(hnet_input)
-        elementary = tf.nn.conv2d(inputs, self.elementary_scale * kernel_e, self.stride,
-                                  self.padding) + self.elementary_scale * bias_e
-        response = tf.nn.conv2d(inputs, kernel_h, self.stride, self.padding)
+        inputs = self._to_compute(inputs)
+        elementary = tf.cast(self._conv(inputs, self.elementary_scale * kernel_e), tf.float32)
+        elementary += self.elementary_scale * bias_e
+        response = tf.cast(self._conv(inputs, kernel_h), tf.float32)
         return (elementary + weight_gate[:, None, None, :] * response
                 + bias_gate[:, None, None, :] * bias_h)
+
+    def _conv(self, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        return tf.nn.conv2d(inputs, self._to_compute(kernel), self.stride, self.padding)
 
 
 def dropout(inputs: tf.Tensor, rate: tf.Tensor, seed: tf.Tensor, training: bool,

@@ -8,7 +8,7 @@ import time
 
 from absl import logging
 
-from stn_pipeline import distribute, experiments, export
+from stn_pipeline import distribute, experiments, export, precision
 from stn_pipeline.checkpoints import RunCheckpoints, restore_trainer
 from stn_pipeline.config import ConfigError, RunConfig, check_setting, load_config
 from stn_pipeline.summaries import RunLogger, write_json
@@ -24,7 +24,7 @@ METADATA_FILE = "metadata.json"  # what rebuilding the model needs (shapes, clas
 
 # Settings that may change when a run is resumed: they do not change what is being trained.
 _RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-              "on_nan", "patience"}
+              "on_nan", "patience", "precision"}
 
 
 def validate_config(config: RunConfig) -> None:
@@ -41,6 +41,10 @@ def validate_config(config: RunConfig) -> None:
     if config.trainer.tune and schedule.warmup_epochs >= schedule.epochs:
         raise ConfigError(f"--warmup_epochs={schedule.warmup_epochs} leaves no epoch of tuning "
                           f"within --epochs={schedule.epochs}.")
+    try:
+        precision.check_precision(config.precision)  # the name, and whether the device can
+    except precision.PrecisionError as error:
+        raise ConfigError(str(error)) from None
     if not config.data.dataset.strip():
         raise ConfigError("--dataset is empty; give a TFDS name or folder:<dir>.")
     try:
@@ -143,6 +147,7 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
         # Every variable (model, hyperparameters, generators, optimizer slots) is created in
         # the strategy scope, so each is mirrored over the replicas.
         experiment = experiments.build_experiment(config)
+        precision.apply_precision(experiment.model, config.precision)
         if write_dir == resume_dir:
             write_json(os.path.join(resume_dir, METADATA_FILE), experiment.metadata)
         trainer = StnTrainer(experiment.model, experiment.hparams, experiment.input_spec,
@@ -167,7 +172,9 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
     logger.close()
     write_json(os.path.join(logdir, RESULTS_FILE), results)
     logging.info("results written to %s", os.path.join(logdir, RESULTS_FILE))
-    # The model is at its best-validation state (fit restored it): checkpoint and export it.
+    # The model is at its best-validation state (fit restored it): checkpoint and export it,
+    # in float32 at every precision (the folded kernels are float32 anyway).
+    precision.apply_precision(experiment.model, "float32")
     results.update(export.export_run(logdir, experiment.model, experiment.hparams,
                                      experiment.input_spec, results))
     write_json(os.path.join(logdir, RESULTS_FILE), results)

@@ -323,3 +323,29 @@ def test_dropout_under_tf_function_with_unknown_batch():
         assert out.shape == (batch, 4, 4, 2)
         assert set(np.unique(out)) <= {0.0, 2.0}
     assert drop.experimental_get_tracing_count() == 1
+
+
+# ---------------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("stride, padding", [(1, "SAME"), (2, "VALID")])
+def test_bf16_compute_dtype_matches_the_formula_within_bf16_rounding(stride, padding):
+    layer = StnConv2D(3, 4, kernel_size=3, num_hparams=2, stride=stride, padding=padding, seed=4)
+    assert layer.compute_dtype == tf.float32  # the default
+    _randomise(layer, seed=19, scale=0.8)
+    rng = np.random.default_rng(20)
+    x = rng.normal(size=(2, 7, 6, 3)).astype(np.float32)
+    h = rng.normal(size=(2, 2)).astype(np.float32)
+    expected = _numpy_conv_layer(layer, x, h)
+    kernel, bias = layer.folded(h[0])
+    layer.compute_dtype = tf.bfloat16
+    out = layer(x, h)
+    assert out.dtype == tf.float32
+    # bfloat16 keeps 8 significant bits: errors of a few 2^-8 of the output's scale.
+    np.testing.assert_allclose(out.numpy(), expected, atol=2.0 ** -6 * np.abs(expected).max())
+    assert np.abs(out.numpy() - expected).max() > 1e-5  # not float32 arithmetic
+    # Folding is float32 arithmetic on the float32 variables at any compute dtype.
+    folded_kernel, folded_bias = layer.folded(h[0])
+    assert folded_kernel.dtype == tf.float32
+    np.testing.assert_array_equal(folded_kernel.numpy(), kernel.numpy())
+    np.testing.assert_array_equal(folded_bias.numpy(), bias.numpy())

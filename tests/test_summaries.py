@@ -147,7 +147,7 @@ def test_hyper_loss_is_loss_minus_tau_entropy(short_run):
     hyper_loss = dict(_scalars(events, "hyper/hyper_loss"))
     entropy = dict(_scalars(events, "hyper/entropy"))
     scale = dict(_scalars(events, "scale/input_range"))
-    assert config.scale_lr <= 0.03 and loss
+    assert config.trainer.scale_lr <= 0.03 and loss
     for step in loss:
         numpy_entropy = np.log(scale[step] * np.sqrt(2.0 * np.pi * np.e))
         assert entropy[step] == pytest.approx(numpy_entropy, abs=0.05)
