@@ -86,9 +86,10 @@ def test_reloaded_trainer_trains_like_the_library(cifar_run, tmp_path):
     assert len(pairs) > 30
     # Same state, batches and generator state. Not always bitwise: the loaded graph is optimised
     # (op fusion, reduction order of the gate-gradient matmuls) apart from the Python-traced one,
-    # which moves some float32 values by an ulp; measured max relative difference ~2e-7.
+    # which moves float32 values by a few ulps; the gate kernels (sums over batch and space,
+    # values ~1e-2) differ by up to ~3e-8 after 5 steps, far below what one step moves them.
     for mine, theirs in pairs:
-        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-6, atol=1e-8,
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-6, atol=1e-7,
                                    err_msg=mine.name)
     after = [v.numpy() for v in library.weights] + [library.hparams.unconstrained_value.numpy()]
     assert all(not np.array_equal(b, a) for b, a in zip(before[-1:], after[-1:]))
