@@ -4,18 +4,17 @@
       --max_examples=12500 --epochs=40 --seeds=0,1 --arms=tuned,frozen,plain,random:4,replay \
       --rundir=runs/study --output=benchmarks/results/cifar_alexnet.json --benchmarks_md
 
-Arms (study/arms.py): tuned, delta_stn, frozen, plain, random:N, replay, final. Runs `stn-train`
-once per run, `--parallel` at a time with one thread each; rerun the same command to resume an
-interrupted study (finished runs are reused, unfinished ones resume from their checkpoints).
-Writes the records (`--output`), the report next to them (`<output stem>.md`) with its PNG
-pictures, and with `--benchmarks_md` the `tuning_<experiment>` section of BENCHMARKS.md.
-`--report_only` redoes the report from the records alone.
+Arms in study/arms.py. One `stn-train` per run, `--parallel` at a time with one thread each;
+rerun the command to resume (finished runs are reused, unfinished ones resume). Writes the records
+(`--output`), the report and PNG pictures beside them (`<output stem>.md`), and with
+`--benchmarks_md` the `tuning_<experiment>` section of BENCHMARKS.md. `--report_only`: report only.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 
 from absl import app, flags
@@ -59,15 +58,19 @@ def _run_study(settings, runs, specs, output: str) -> dict[str, str]:
         if problem:
             failed[run.logdir] = problem
             print(f"{run.name}: {problem}")
-    study = {"command": " ".join(["python benchmarks/tuning.py", *sys.argv[1:]]),
+    command = " ".join(["python benchmarks/tuning.py", *sys.argv[1:]])
+    commands = records.load(output).get("study", {}).get("commands", [])
+    study = {"commands": commands + [command] * (command not in commands),
              "machine": machine_line(), "parallel": FLAGS.parallel}
 
     def write_records(unused_run=None):
         entries = records.collect(runs, settings, specs, skip=list(failed))
         records.write(output, study, records.merge(records.load(output)["runs"], entries))
 
+    def start(run):
+        return runner.launch(arms.command(run, settings, specs), run.logdir)
+
     write_records()
-    start = lambda run: runner.launch(arms.command(run, settings, specs), run.logdir)  # noqa
     failed.update(runner.run_all([r for r in runs if r.logdir not in failed], start,
                                  FLAGS.parallel, on_finished=write_records))
     write_records()
@@ -118,6 +121,9 @@ def main(argv):
         os.path.dirname(os.path.abspath(__file__)), "results", f"{FLAGS.experiment}.json"))
     try:
         arm_counts = arms.parse_arms(FLAGS.arms)
+        if not all(seed.isdigit() for seed in FLAGS.seeds) or FLAGS.parallel < 1:
+            raise ValueError(f"--seeds={','.join(FLAGS.seeds)} must be integers >= 0 and "
+                             f"--parallel={FLAGS.parallel} >= 1.")
         seeds = [int(seed) for seed in FLAGS.seeds]
         specs = experiments.hparam_specs(experiments.RunConfig(experiment=FLAGS.experiment))
     except KeyError:
@@ -125,6 +131,8 @@ def main(argv):
                  f"{sorted(experiments.EXPERIMENTS)}.")
     except ValueError as error:
         sys.exit(f"tuning.py: {error}")
+    # A killed study stops its runs (SystemExit unwinds through the scheduler); rerun resumes.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     failed = {}
     if not FLAGS.report_only:
         if not FLAGS.dataset:

@@ -254,7 +254,7 @@ def test_report_gains_by_hand():
     # Random search's answer: the lowest validation loss (trial 1 of seed 0, trial 0 of seed 1).
     assert gains[summary.BEST_RANDOM][0] == pytest.approx((0.08, 0.09))
     assert gains[summary.BEST_RANDOM][1] == pytest.approx((0.09, 0.10))
-    section = summary.tuning_section({"command": "python benchmarks/tuning.py --seeds=0,1",
+    section = summary.tuning_section({"commands": ["python benchmarks/tuning.py --seeds=0,1"],
                                       "machine": "test machine", "parallel": 2}, REPORT_RUNS,
                                      {"val loss": "benchmarks/results/x_val_loss.png"})
     frozen_row = next(l for l in section.splitlines() if l.startswith("| frozen | 2 | 0: "))
@@ -267,6 +267,7 @@ def test_report_gains_by_hand():
     # Random search: 5 + 6 and 7 + 8 minutes per seed, mean 13, against 11 per tuned run.
     assert "took 13.0 min per seed in total, 1.18x the tuned run" in section
     assert "![val loss](benchmarks/results/x_val_loss.png)" in section
+    assert "`python benchmarks/tuning.py --seeds=0,1` (test machine)" in section
 
 
 def test_report_refuses_mixed_experiments():
@@ -297,3 +298,58 @@ def test_plots_write_png_files(tmp_path):
     plots.plot_val_losses(runs, str(tmp_path / "v.png"))
     for name in ("t.png", "v.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _EndlessProcess:
+    def __init__(self):
+        self.terminated = False
+
+    def poll(self):
+        return -15 if self.terminated else None
+
+    def terminate(self):
+        self.terminated = True
+
+    def wait(self):
+        return -15
+
+
+def test_interrupted_study_stops_its_runs(tmp_path):
+    runs = arms.plan_runs(_settings(tmp_path), [("tuned", 1)], [0, 1], SPECS)
+    processes, lines = [], []
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    def start(run):
+        processes.append(_EndlessProcess())
+        return processes[-1]
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_all(runs, start, parallel=2, sleep=interrupt, report=lines.append)
+    assert len(processes) == 2 and all(p.terminated for p in processes)
+    assert sum("stopped (rerun the study to resume it)" in line for line in lines) == 2
+
+
+def test_minutes_add_up_over_resumed_sessions(tmp_path):
+    settings = _settings(tmp_path)
+    runs = arms.plan_runs(settings, [("tuned", 1)], [0], SPECS)
+    now = [0.0]
+
+    def interrupt_after_a_minute(seconds):
+        now[0] += 60.0
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_all(runs, lambda run: _EndlessProcess(), parallel=1,
+                       sleep=interrupt_after_a_minute, report=lambda line: None,
+                       clock=lambda: now[0])
+
+    def ninety_seconds(seconds):
+        now[0] += 90.0
+
+    runner.run_all(runs, lambda run: _FakeProcess(run, 1, 0, []), parallel=1,
+                   sleep=ninety_seconds, report=lambda line: None, clock=lambda: now[0])
+    # results.json says 120 s (its last session); the run cost 60 + 90 s over two sessions.
+    assert runner.elapsed_minutes(runs[0].logdir) == pytest.approx(2.5)
+    assert records.collect(runs, settings, SPECS)[0]["minutes"] == pytest.approx(2.5)

@@ -188,10 +188,8 @@ def command(run: Run, settings: StudySettings, specs: Sequence[HParam]) -> list[
     """The `stn-train` command line of `run` (final: needs its tuned run finished)."""
     line = [sys.executable, "-m", "stn_pipeline_scripts.train",
             f"--experiment={settings.experiment}", f"--dataset={settings.dataset}",
-            f"--epochs={settings.epochs}", f"--seed={run.seed}", "--threads=1",
-            f"--logdir={run.logdir}"]
-    if settings.max_examples:
-        line.append(f"--max_examples={settings.max_examples}")
+            f"--epochs={settings.epochs}", f"--max_examples={settings.max_examples}",
+            f"--seed={run.seed}", "--threads=1", f"--logdir={run.logdir}"]
     if settings.precision != "float32":  # stn-train's default; older versions lack the flag
         line.append(f"--precision={settings.precision}")
     line += _ARM_FLAGS[run.arm]

@@ -2,7 +2,7 @@
 
 Each entry holds what the report needs without the run folders: the run's identity (experiment,
 arm, seed, trial), its settings (epochs, max_examples, precision), best-validation metrics,
-minutes, parameters, the hyperparameters (final values of the tuned arms and replay, the fixed
+minutes (over all sessions of a resumed run), parameters, the hyperparameters (final values of the tuned arms and replay, the fixed
 values of the others), the validation loss per epoch and, for the tuned arms, the trajectory.
 """
 
@@ -15,6 +15,7 @@ from typing import Sequence
 
 from stn_pipeline.hparams import HParam
 from study.arms import Run, StudySettings, fixed_hparams, read_results
+from study.runner import elapsed_minutes
 
 
 def _val_losses(results: dict) -> list[float]:
@@ -28,13 +29,14 @@ def record(run: Run, settings: StudySettings, results: dict,
            specs: Sequence[HParam]) -> dict:
     """The entry of one finished run."""
     fixed = fixed_hparams(run, specs)
+    minutes = elapsed_minutes(run.logdir)
     entry = {
         "experiment": settings.experiment, "arm": run.arm, "seed": run.seed,
         "trial": run.trial, "epochs": settings.epochs, "max_examples": settings.max_examples,
         "precision": results.get("config", {}).get("precision", settings.precision),
         "best_epoch": results["best_epoch"], "val_loss": results["val_loss"],
-        "val_accuracy": results.get("val_accuracy"), "test_loss": results["test_loss"],
-        "test_accuracy": results["test_accuracy"], "minutes": results["wall_time_s"] / 60.0,
+        "val_accuracy": results.get("val_accuracy"), "test_loss": results.get("test_loss"),
+        "test_accuracy": results.get("test_accuracy"), "minutes": minutes if minutes is not None else results["wall_time_s"] / 60.0,
         "num_parameters": results.get("num_parameters"),
         "hparams": fixed if fixed is not None else dict(results["final_hparams"]),
         "val_losses": _val_losses(results), "logdir": run.logdir,

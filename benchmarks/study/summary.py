@@ -15,7 +15,10 @@ from study.arms import ARMS
 BEST_RANDOM = "random (best by val loss)"
 
 
-def _spread(values: Sequence[float], digits: int) -> str:
+def _spread(values: Sequence[float | None], digits: int) -> str:
+    values = [value for value in values if value is not None]  # a run without a test split
+    if not values:
+        return "n/a"
     mean = statistics.mean(values)
     if len(values) == 1:
         return f"{mean:.{digits}f}"
@@ -54,7 +57,9 @@ def gains(runs: Sequence[dict]) -> dict[str, dict[int, tuple[float, float]]]:
     tuned = arms.pop("tuned", {})
     return {baseline: {seed: (entries[seed]["test_loss"] - tuned[seed]["test_loss"],
                               tuned[seed]["test_accuracy"] - entries[seed]["test_accuracy"])
-                       for seed in sorted(set(entries) & set(tuned))}
+                       for seed in sorted(set(entries) & set(tuned))
+                       if entries[seed]["test_loss"] is not None
+                       and tuned[seed]["test_loss"] is not None}
             for baseline, entries in arms.items()}
 
 
@@ -119,15 +124,17 @@ def tuning_section(study: dict, runs: Sequence[dict], pictures: dict[str, str]) 
                          f"({', '.join(experiments)}); a report covers one.")
     settings = sorted({(e["epochs"], e["max_examples"], e["precision"]) for e in runs})
     lines = [f"## Tuning study: {experiments[0]}", "",
-             f"`{study.get('command', 'python benchmarks/tuning.py ...')}` "
-             f"({study.get('machine', 'machine not recorded')}).",
+             "; ".join(f"`{c}`" for c in study.get("commands", ["python benchmarks/tuning.py"]))
+             + f" ({study.get('machine', 'machine not recorded')}).",
              "Settings (epochs, max_examples, precision): "
              + "; ".join(f"{e}, {m or 'all'}, {p}" for e, m, p in settings)
              + ". Every figure is at the run's best-validation epoch; test on the test split. "
              "Spread: mean [min-max] over runs. Runs one thread each, "
-             f"{study.get('parallel', '?')} at a time.", "", *_arm_rows(runs), "",
-             "Gains of tuned (baseline minus tuned test loss; positive: tuning wins):", "",
-             *_gain_rows(runs), ""]
+             f"{study.get('parallel', '?')} at a time.", "", *_arm_rows(runs), ""]
+    gain_rows = _gain_rows(runs)
+    if len(gain_rows) > 2:
+        lines += ["Gains of tuned (baseline minus tuned test loss; positive: tuning wins):", "",
+                  *gain_rows, ""]
     if compute_line(runs):
         lines += [compute_line(runs), ""]
     lines += [f"![{caption}]({path})" for caption, path in pictures.items()]
