@@ -96,8 +96,8 @@ def parse_arms(text: str) -> list[tuple[str, int]]:
         if arm not in ARMS:
             raise ValueError(f"--arms: unknown arm {arm!r}; known: {', '.join(ARMS)} "
                              "(random as random:N).")
-        if (arm == "random") != bool(has_count) or (has_count and not count.isdigit()) or (
-                has_count and int(count) < 1):
+        if (arm == "random") != bool(has_count) or has_count and not (
+                count.isdigit() and int(count) >= 1):
             raise ValueError(f"--arms: {entry!r}: give the random search as random:N with N >= 1, "
                              "and no count for other arms.")
         if arm in (a for a, _ in arms):

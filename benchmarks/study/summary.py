@@ -65,19 +65,17 @@ def gains(runs: Sequence[dict]) -> dict[str, dict[int, tuple[float, float]]]:
 
 def _arm_rows(runs: Sequence[dict]) -> list[str]:
     groups = {arm: [e for e in runs if e["arm"] == arm] for arm in ARMS}
-    if groups["random"]:
-        groups["random"] = sorted(groups["random"], key=lambda e: (e["seed"], e["trial"]))
-        groups[BEST_RANDOM] = list(best_random(runs).values())
+    groups["random (all trials)"] = groups.pop("random")
+    groups[BEST_RANDOM] = list(best_random(runs).values())
     rows = ["| arm | runs | best epoch | val loss | test loss | test accuracy | minutes | "
             "parameters |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, entries in groups.items():
-        if not entries:
-            continue
-        column = lambda key: [e[key] for e in entries]  # noqa: E731
-        rows.append(f"| {'random (all trials)' if arm == 'random' else arm} | {len(entries)} | "
-                    f"{_spread(column('best_epoch'), 1)} | {_spread(column('val_loss'), 4)} | "
-                    f"{_spread(column('test_loss'), 4)} | {_spread(column('test_accuracy'), 4)} "
-                    f"| {_spread(column('minutes'), 1)} | {_parameters(entries)} |")
+        if entries:
+            spreads = [_spread([e[key] for e in entries], digits) for key, digits in (
+                ("best_epoch", 1), ("val_loss", 4), ("test_loss", 4), ("test_accuracy", 4),
+                ("minutes", 1))]
+            rows.append(f"| {arm} | {len(entries)} | {' | '.join(spreads)} | "
+                        f"{_parameters(entries)} |")
     return rows
 
 
