@@ -167,7 +167,8 @@ def test_scheduler_resumes_reuses_and_waits_for_tuned(tmp_path):
         polls = 3 if run.arm == "tuned" else 1
         return _FakeProcess(run, polls, 1 if run.logdir == logdir["tuned", 1] else 0, started)
 
-    failed = runner.run_all(runs, start, parallel=2, sleep=lambda s: None,
+    # Three slots: one frees up (frozen) while the tuned runs still run; replay must wait.
+    failed = runner.run_all(runs, start, parallel=3, sleep=lambda s: None,
                             on_finished=lambda run: finished.append(run.name),
                             report=lines.append)
     name = lambda arm, seed: os.path.basename(logdir[arm, seed])  # noqa: E731
