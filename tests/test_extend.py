@@ -194,7 +194,7 @@ def test_flags_left_out_keep_their_stored_values(tmp_path):
 def test_schedule_settings_do_not_change_on_resume(tmp_path):
     stored = _stored(tmp_path, patience=5)
     for flag, value in (("patience", 6), ("nonmono", 2), ("hyper_lr", 0.1)):
-        requested = experiments.default_config("relu_toy", patience=5, **{flag: value})
+        requested = experiments.default_config("relu_toy", **{"patience": 5, flag: value})
         with pytest.raises(ConfigError, match=f"--{flag}"):
             resume.resumed_config(stored, requested, given=[flag])
 
