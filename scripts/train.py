@@ -3,8 +3,9 @@
   stn-train --experiment=relu_toy --logdir=/tmp/stn/toy
   stn-train --experiment=cifar_cnn --dataset=folder:$HOME/data/cifar10 --logdir=/tmp/stn/cnn
 
-Every flag left unset takes the experiment's registered default. `--flagfile=FILE` reads flags
-from a file (one `--name=value` per line); the run saves its own as `<logdir>/flags.txt`.
+Every flag left unset takes the experiment's registered default, or on resume (rerunning on a
+`--logdir` that holds a run) the run's stored value. `--flagfile=FILE` reads flags from a file
+(one `--name=value` per line); the run saves its own as `<logdir>/flags.txt`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", "relu_toy", f"One of {sorted(experiments.EXPERIMENTS)}.")
 flags.DEFINE_string("logdir", None, "Folder for TensorBoard logs, results.json and exports.")
 flags.DEFINE_bool("overwrite", False, "Move an existing run in --logdir aside and start anew.")
+flags.DEFINE_bool("extend", False, "Train a run that stopped early (patience, learning-rate "
+                  "floor) on past its stop; a run that stopped on its budget extends with a "
+                  "larger --epochs alone.")
 flags.DEFINE_string("init_from", None, "Start from a trainer checkpoint, e.g. one written by a "
                     "reloaded trainer export: tf.train.Checkpoint(trainer=loaded).write(path).")
 flags.DEFINE_bool("restore_fallback", False,
@@ -50,6 +54,12 @@ flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical dev
                      "--strategy=mirrored without GPUs); 0: leave it whole.")
 flags.DEFINE_integer("worker_timeout", 600, "multi_worker: seconds a collective waits for a "
                      "peer before the job fails (a dead worker ends the job instead of hanging).")
+
+
+def given_settings() -> list[str]:
+    """The settings given on the command line (or in a flagfile), by flag name."""
+    names = [name for name in config_lib.FLAGS if FLAGS[name].present]
+    return names + ["max_steps"] * FLAGS["max_cycles"].present
 
 
 def config_from_flags() -> config_lib.RunConfig:
@@ -91,7 +101,8 @@ def main(argv):
         # Created first: MultiWorkerMirroredStrategy must exist before other TensorFlow work.
         strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.worker_timeout)
         results = run_experiment(config, FLAGS.logdir, FLAGS.overwrite, flagfile_text,
-                                 FLAGS.restore_fallback, FLAGS.init_from, strategy)
+                                 FLAGS.restore_fallback, FLAGS.init_from, strategy,
+                                 given=given_settings(), extend=FLAGS.extend)
     except (ValueError, NonFiniteError) as error:  # ConfigError, DataError, CheckpointError...
         sys.exit(f"stn-train: error: {error}")
     except distribute.PeerFailure as error:

@@ -5,26 +5,24 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from typing import Iterable
 
 from absl import logging
 
-from stn_pipeline import distribute, experiments, export, precision
+from stn_pipeline import distribute, experiments, export, precision, resume
 from stn_pipeline.checkpoints import RunCheckpoints, restore_trainer
-from stn_pipeline.config import ConfigError, RunConfig, check_setting, load_config
+from stn_pipeline.config import ConfigError, RunConfig, check_setting
+from stn_pipeline.files import atomic_write
 from stn_pipeline.summaries import RunLogger, write_json
 from stn_pipeline.trainer import StnTrainer
 from stn_pipeline.training import LoopState, fit
 
 __all__ = ["ConfigError", "prepare_logdir", "run_experiment", "validate_config"]
 
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.json"
+RESULTS_FILE = resume.RESULTS_FILE
+CONFIG_FILE = resume.CONFIG_FILE
+FLAGS_FILE = "flags.txt"
 METADATA_FILE = "metadata.json"  # what rebuilding the model needs (shapes, classes, normalisation)
-
-
-# Settings that may change when a run is resumed: they do not change what is being trained.
-_RESUMABLE = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-              "on_nan", "patience", "precision"}
 
 
 def validate_config(config: RunConfig) -> None:
@@ -53,38 +51,18 @@ def validate_config(config: RunConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
-def _differences(old: RunConfig, new: RunConfig) -> list[str]:
-    """The settings that differ, named by their flags (resumable ones excepted)."""
-    old_flags, new_flags = old.as_flags(), new.as_flags()
-    return [f"--{k}: {old_flags[k]!r} -> {new_flags[k]!r}" for k in sorted(old_flags)
-            if k not in _RESUMABLE and old_flags[k] != new_flags[k]]
+def prepare_logdir(logdir: str, overwrite: bool) -> bool:
+    """Creates `logdir`, or moves the run it holds aside; returns True to resume it.
 
-
-def prepare_logdir(logdir: str, config: RunConfig, overwrite: bool) -> bool:
-    """Creates `logdir` or checks that it holds the same run; returns True to resume it.
-
-    A logdir with a finished run (results.json) or a run of another configuration is refused
-    unless `overwrite`, which moves the old run aside to `<logdir>.old-<timestamp>`: results are
-    never deleted.
+    Whether the run it holds may be resumed is `resume`'s question, asked before. `overwrite`
+    moves whatever `logdir` holds to `<logdir>.old-<timestamp>`: results are never deleted.
     """
     config_path = os.path.join(logdir, CONFIG_FILE)
-    problem = None
-    if os.path.exists(os.path.join(logdir, RESULTS_FILE)):
-        problem = f"--logdir={logdir} already holds a finished run ({RESULTS_FILE})"
-    elif os.path.exists(config_path):
-        try:
-            differences = _differences(load_config(config_path), config)
-        except (ValueError, TypeError) as error:
-            differences = [f"its {CONFIG_FILE} cannot be read: {error}"]
-        if differences:
-            problem = (f"--logdir={logdir} holds a run with another configuration ("
-                       + "; ".join(differences) + ")")
-    elif os.path.isdir(logdir) and os.listdir(logdir):
-        problem = f"--logdir={logdir} is not empty and holds no stn-train run"
-    if problem and not overwrite:
-        raise ConfigError(problem + "; choose another --logdir or pass --overwrite to move it "
-                          "aside.")
-    if problem:
+    holds_run = os.path.exists(config_path) or os.path.exists(os.path.join(logdir, RESULTS_FILE))
+    if not holds_run and os.path.isdir(logdir) and os.listdir(logdir) and not overwrite:
+        raise ConfigError(f"--logdir={logdir} is not empty and holds no stn-train run; choose "
+                          "another --logdir or pass --overwrite to move it aside.")
+    if overwrite and os.path.isdir(logdir) and os.listdir(logdir):
         base = aside = f"{logdir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         for suffix in itertools.count(1):  # two overwrites within a second get distinct names
             if not os.path.exists(aside):
@@ -92,7 +70,7 @@ def prepare_logdir(logdir: str, config: RunConfig, overwrite: bool) -> bool:
             aside = f"{base}-{suffix}"
         os.rename(logdir, aside)
         logging.warning("moved the previous run in %s to %s", logdir, aside)
-    resume = os.path.exists(config_path)
+    resume_run = os.path.exists(config_path)
     try:
         os.makedirs(logdir, exist_ok=True)
         probe = os.path.join(logdir, ".write_test")
@@ -101,15 +79,19 @@ def prepare_logdir(logdir: str, config: RunConfig, overwrite: bool) -> bool:
         os.remove(probe)
     except OSError as error:
         raise ConfigError(f"--logdir={logdir} is not writable: {error.strerror}.") from None
-    return resume
+    return resume_run
 
 
 def run_experiment(config: RunConfig, logdir: str, overwrite: bool = False,
                    flagfile_text: str | None = None, restore_fallback: bool = False,
-                   init_from: str | None = None, strategy=None) -> dict:
+                   init_from: str | None = None, strategy=None,
+                   given: Iterable[str] | None = None, extend: bool = False) -> dict:
     """Validates `config`, trains, and writes `results.json` and TensorBoard logs to `logdir`.
 
-    Rerunning with the same `logdir` and configuration resumes from the latest checkpoint.
+    Rerunning with the same `logdir` resumes from the latest checkpoint (`resume`): the stored
+    configuration with the settings in `given` (flag names; None: all of `config`) applied, which
+    may change only the budget and cadence settings of `resume.RESUMABLE`. A finished run given
+    a larger budget trains on (an extension); one that stopped early only with `extend`.
     `flagfile_text`, if given, is saved as `<logdir>/flags.txt` (rerun with `--flagfile`).
     `restore_fallback` resumes from an older checkpoint when the newest is damaged.
     `init_from` starts a new run from a trainer checkpoint (e.g. written by a reloaded trainer
@@ -117,7 +99,14 @@ def run_experiment(config: RunConfig, logdir: str, overwrite: bool = False,
     `strategy` (from `distribute.make_strategy`) trains under `tf.distribute`, `batch_size` being
     the global batch; only its chief writes `logdir` (others write to a removed temp folder).
     """
+    stored = None if overwrite else resume.read_stored_run(logdir)
+    if stored is not None:
+        config = resume.resumed_config(stored, config, given)
     validate_config(config)
+    if stored is not None:
+        resume.check_more_to_train(stored, config, extend)
+    elif extend:
+        logging.warning("--extend has no effect: --logdir=%s holds no run to extend.", logdir)
     for message in config.schedule.inactive_settings():
         logging.warning("%s.", message)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
@@ -126,22 +115,32 @@ def run_experiment(config: RunConfig, logdir: str, overwrite: bool = False,
                           f"multiple of the {replicas} replicas.")
     with distribute.worker_logdir(logdir, strategy) as write_dir:
         return _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback,
-                    init_from, strategy)
+                    init_from, strategy, extend)
+
+
+def _write_flags(logdir: str, flagfile_text: str) -> None:
+    path = os.path.join(logdir, FLAGS_FILE)
+    if os.path.exists(path):  # a resumed run: the flags not given now keep their stored lines
+        with open(path) as handle:
+            flagfile_text = resume.merge_flag_lines(handle.read(), flagfile_text)
+    with atomic_write(path) as handle:
+        handle.write(flagfile_text)
 
 
 def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, init_from,
-         strategy):
+         strategy, extend):
+    # A run that finished before wrote its HParams settings record then (TensorBoard keeps one).
+    finished_before = os.path.exists(os.path.join(logdir, RESULTS_FILE)) and not overwrite
     if write_dir == logdir:  # the chief, or the only worker
-        resume = prepare_logdir(logdir, config, overwrite)
+        resume_run = prepare_logdir(logdir, overwrite)
         if flagfile_text is not None:
-            with open(os.path.join(logdir, "flags.txt"), "w") as handle:
-                handle.write(flagfile_text)
+            _write_flags(logdir, flagfile_text)
         write_json(os.path.join(logdir, CONFIG_FILE), config.to_dict())
     else:
         # The chief checks the logdir; this worker resumes from its checkpoints if any (the
         # chief saves none before this worker has joined the first collective step).
         os.makedirs(write_dir)
-        resume = not overwrite
+        resume_run = not overwrite
     resume_dir, logdir = logdir, write_dir
     with distribute.scope(strategy):
         # Every variable (model, hyperparameters, generators, optimizer slots) is created in
@@ -158,17 +157,21 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
     loop_state = LoopState()
     checkpoints = RunCheckpoints(logdir, trainer, loop_state, config.keep_checkpoints,
                                  fallback=restore_fallback, restore_from=resume_dir)
-    restored = checkpoints.restore_latest() if resume else None
-    if resume:
+    restored = checkpoints.restore_latest() if resume_run else None
+    if resume_run:
         logging.info("resuming from %s", restored or "scratch (no checkpoint was written yet)")
-    if init_from and not restored:
+    if init_from and restored:
+        logging.warning("--init_from=%s has no effect: the run resumes from its own checkpoint "
+                        "%s.", init_from, restored)
+    elif init_from:
         restore_trainer(trainer, init_from)
         logging.info("initialised the trainer from %s", init_from)
     logger = RunLogger(logdir)
     logging.info("experiment %s: %d hyperparameters %s, %d weight steps per epoch",
                  config.experiment, experiment.hparams.size, list(experiment.hparams.names),
                  experiment.data.steps_per_epoch)
-    results = fit_and_record(trainer, experiment, config, logger, checkpoints, loop_state)
+    results = fit_and_record(trainer, experiment, config, logger, checkpoints, loop_state,
+                             extend=extend, with_settings=not finished_before)
     logger.close()
     write_json(os.path.join(logdir, RESULTS_FILE), results)
     logging.info("results written to %s", os.path.join(logdir, RESULTS_FILE))
@@ -186,10 +189,15 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
 def fit_and_record(trainer: StnTrainer, experiment: experiments.Experiment,
                    config: RunConfig, logger: RunLogger,
                    checkpoints: RunCheckpoints | None = None,
-                   loop_state: LoopState | None = None) -> dict:
-    """Trains and returns the results with the config and HParams summary attached."""
+                   loop_state: LoopState | None = None, extend: bool = False,
+                   with_settings: bool = True) -> dict:
+    """Trains and returns the results with the config and HParams summary attached.
+
+    `extend` trains on past an early stop of a resumed run; `with_settings` writes the HParams
+    settings record (once per run: False for an extension of a finished run).
+    """
     results = fit(trainer, experiment.data, config.schedule, logger, config.loop, checkpoints,
-                  loop_state)
+                  loop_state, extend=extend)
     results["config"] = config.to_dict()
     results["metadata"] = experiment.metadata
     settings = config.as_flags()
@@ -197,5 +205,5 @@ def fit_and_record(trainer: StnTrainer, experiment: experiments.Experiment,
     final = {f"final/{k}": v for k, v in results["final_hparams"].items()}
     final.update({f"final/{k}": results[k] for k in results
                   if k.startswith(("val_", "test_")) and isinstance(results[k], float)})
-    logger.run_summary(settings, final)
+    logger.run_summary(settings, final, step=results["weight_steps"], with_settings=with_settings)
     return results

@@ -88,12 +88,26 @@ class Schedule:
       val_losses: validation loss of every tuning epoch so far, in order.
       best_epoch: index into `val_losses` of the best one (-1: none yet).
       stop_reason: set once training should stop (patience or minimum learning rate).
+      lifted_at: the number of tuning epochs recorded when `lift` last lifted a stop (-1: never).
     """
 
     config: ScheduleConfig
     val_losses: list[float] = dataclasses.field(default_factory=list)
     best_epoch: int = -1
     stop_reason: str = ""
+    lifted_at: int = -1
+
+    def state(self) -> dict:
+        """Everything but the config, as JSON values: `Schedule(config, **state)` carries on."""
+        return {"val_losses": list(self.val_losses), "best_epoch": self.best_epoch,
+                "stop_reason": self.stop_reason, "lifted_at": self.lifted_at}
+
+    def lift(self) -> None:
+        """Trains on past an early stop (`stn-train --extend`): patience counts tuning epochs
+        without improvement from here (or from a later best), and a rate already below
+        `min_lr` stops the run again only when it decays once more."""
+        self.stop_reason = ""
+        self.lifted_at = len(self.val_losses)
 
     @property
     def best_loss(self) -> float:
@@ -108,14 +122,16 @@ class Schedule:
         improved = val_loss < self.best_loss
         window = self.config.nonmono
         earlier = self.val_losses
-        if window and len(earlier) > window and val_loss > min(earlier[:-window]):
+        decayed = bool(window and len(earlier) > window and val_loss > min(earlier[:-window]))
+        if decayed:
             learning_rate *= self.config.decay_factor
         earlier.append(val_loss)
         if improved:
             self.best_epoch = len(earlier) - 1
         patience = self.config.patience
-        if patience and len(earlier) - 1 - self.best_epoch >= patience:
+        counted_from = max(self.best_epoch, self.lifted_at - 1)
+        if patience and len(earlier) - 1 - counted_from >= patience:
             self.stop_reason = f"no improvement for {patience} tuning epochs"
-        elif learning_rate < self.config.min_lr:
+        elif learning_rate < self.config.min_lr and (decayed or self.lifted_at < 0):
             self.stop_reason = f"learning rate {learning_rate:.2e} < {self.config.min_lr:.0e}"
         return improved, learning_rate

@@ -50,17 +50,26 @@ class RunLogger:
             for index, name in enumerate(names):
                 tf.summary.histogram(prefix + name, sample_values[:, index], step=step)
 
-    def run_summary(self, config: Mapping[str, object], metrics: Mapping[str, float]) -> None:
-        """The TensorBoard HParams-plugin record of the run: its settings and final figures."""
+    def run_summary(self, config: Mapping[str, object], metrics: Mapping[str, float],
+                    step: int, with_settings: bool = True) -> None:
+        """The TensorBoard HParams-plugin record of the run: its settings and final figures.
+
+        The figures are written at `step` (the last weight step: the plugin shows the latest
+        value, so an extended run's figures replace the earlier ones without a duplicate step).
+        The settings record is written at step 0 by TensorBoard: only when `with_settings`,
+        i.e. once per run (TensorBoard keeps the first one anyway).
+        """
         allowed = (bool, int, float, str)
         settings = {k: v for k, v in config.items() if isinstance(v, allowed)}
         with self.writer.as_default():
-            hparams_api.hparams_config(
-                hparams=[hparams_api.HParam(k) for k in settings],
-                metrics=[hparams_api.Metric(k) for k in metrics])
-            hparams_api.hparams(settings, trial_id=os.path.basename(os.path.abspath(self.logdir)))
+            if with_settings:
+                hparams_api.hparams_config(
+                    hparams=[hparams_api.HParam(k) for k in settings],
+                    metrics=[hparams_api.Metric(k) for k in metrics])
+                hparams_api.hparams(settings,
+                                    trial_id=os.path.basename(os.path.abspath(self.logdir)))
             for key, value in metrics.items():
-                tf.summary.scalar(key, float(value), step=0)
+                tf.summary.scalar(key, float(value), step=step)
 
     def flush(self) -> None:
         self.writer.flush()

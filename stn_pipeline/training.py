@@ -149,8 +149,7 @@ class _Loop:
             self.total_steps = min(self.total_steps, options.max_steps)
 
     def save_record(self) -> None:
-        self.record["schedule"] = {"val_losses": self.schedule.val_losses,
-                                   "best_epoch": self.schedule.best_epoch}
+        self.record["schedule"] = self.schedule.state()
         self.state.save_record(self.record)
         self.state.step.assign(self.step)
         self.state.hyper_steps.assign(self.hyper_steps)
@@ -285,6 +284,7 @@ class _Loop:
             "best_epoch": best_epoch,
             "epochs_run": len(self.record["history"]),
             "stop_reason": self.record.get("stop_reason", ""),
+            "stopped_early": bool(self.schedule.stop_reason),  # patience or the rate floor
             "weight_steps": self.step,
             "hyper_steps": self.hyper_steps,
             "skipped_nonfinite_steps": int(state.skipped.numpy()),
@@ -302,8 +302,11 @@ class _Loop:
 
 def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, logger: RunLogger,
         options: LoopOptions = LoopOptions(), checkpoints=None, loop_state: LoopState | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+        on_epoch_end: Callable[[int, dict], None] | None = None, extend: bool = False) -> dict:
     """Trains until the schedule stops, then restores the best-validation state.
+
+    A resumed run carries on its schedule (validation losses, best epoch, patience) under the
+    budget of `schedule_config` and `options`: a finished run given more epochs trains on.
 
     Warm-up epochs are evaluated and logged but stay outside the schedule: the best state, the
     learning-rate decay and patience only see tuning epochs, in tuned and frozen runs alike.
@@ -318,6 +321,7 @@ def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, log
         memory); `loop_state` must be the one it saves. It has been restored already on resume.
       loop_state: the loop's progress; a new one starts from scratch.
       on_epoch_end: optional callback(epoch, entry) with the epoch's history entry.
+      extend: train on past an early stop (patience, rate floor) of the resumed run.
 
     Returns:
       A results dict: best validation/test metrics, `best_epoch` (counted from 1 at the start of
@@ -333,7 +337,11 @@ def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, log
                  loop_state or LoopState())
     if loop.step:
         logging.info("resuming at weight step %d (epoch %d)", loop.step, loop.epoch + 1)
-    stop_reason = loop.record.get("stop_reason", "")
+    if extend and loop.schedule.stop_reason:
+        logging.info("training on past the early stop (%s) at epoch %d", loop.schedule.stop_reason,
+                     loop.epoch)
+        loop.schedule.lift()
+    stop_reason = loop.stop_reason()  # the budget's reasons are those of the budget given now
     while not stop_reason and loop.epoch < schedule_config.epochs:
         stop_reason = loop.run_epoch()
         if on_epoch_end is not None:

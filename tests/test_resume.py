@@ -174,7 +174,7 @@ def test_logdir_with_another_configuration_is_refused_then_moved_aside(tmp_path,
         run.run_experiment(_toy_config(), logdir)
     with pytest.raises(run.ConfigError, match="--toy_width: 32 -> 16"):
         run.run_experiment(_toy_config(toy_width=16), logdir)
-    run.prepare_logdir(logdir, _toy_config(toy_width=16), overwrite=True)
+    run.prepare_logdir(logdir, overwrite=True)
     aside = glob.glob(logdir + ".old-*")
     assert len(aside) == 1 and os.path.exists(os.path.join(aside[0], "checkpoints"))
     assert load_config(os.path.join(aside[0], "config.json")).toy.width == 32
