@@ -16,6 +16,10 @@ decides which weights are decayed:
 
 Convention: penalty_i = weight_decay_i * 0.5 * ||K||^2, so its gradient is weight_decay * K, the
 `weight_decay` of SGD in PyTorch (ORIG, DSTN) and Keras.
+
+`LOSS_TERM_HPARAMS` declares both for any classifier. Weight decay is POSITIVE (0 + softplus):
+for values below ~0.1, softplus(u) ~ exp(u), so its unconstrained value is log-scale there and a
+perturbation multiplies the decay by exp(sigma * eps).
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from typing import Sequence
 
 import tensorflow as tf
 
-__all__ = ["l2_penalty", "smoothed_cross_entropy", "stn_l2_penalty"]
+from stn_pipeline.hparams import BOUNDED, POSITIVE, HParam
+
+__all__ = ["LOSS_TERM_HPARAMS", "l2_penalty", "smoothed_cross_entropy", "stn_l2_penalty"]
+
+LOSS_TERM_HPARAMS = {
+    "weight_decay": HParam("weight_decay", 0.0, None, 1e-4, kind=POSITIVE),
+    "label_smoothing": HParam("label_smoothing", 0.0, 0.5, 0.05, kind=BOUNDED),
+}
 
 
 def smoothed_cross_entropy(labels: tf.Tensor, logits: tf.Tensor,

@@ -3,8 +3,10 @@
 import numpy as np
 import tensorflow as tf
 
+from stn_pipeline.hparams import HyperParameters
 from stn_pipeline.layers import StnDense
-from stn_pipeline.loss_terms import l2_penalty, smoothed_cross_entropy, stn_l2_penalty
+from stn_pipeline.loss_terms import (LOSS_TERM_HPARAMS, l2_penalty, smoothed_cross_entropy,
+                                     stn_l2_penalty)
 
 RNG = np.random.default_rng(0)
 
@@ -97,3 +99,11 @@ def test_stn_l2_penalty_gives_the_gates_a_gradient():
     expected = decay[:, None] * (c * (kernel_e * kernel_h).sum(0)
                                  + gates.numpy() * (kernel_h ** 2).sum(0))
     np.testing.assert_allclose(tape.gradient(total, gates).numpy(), expected, rtol=1e-5)
+
+
+def test_weight_decay_is_log_scale_where_it_is_used():
+    hparams = HyperParameters(list(LOSS_TERM_HPARAMS.values()))
+    np.testing.assert_allclose(hparams.constrained().numpy(), [1e-4, 0.05], rtol=1e-5)
+    # A unit step of the unconstrained value multiplies the decay by e (1e-4 -> 2.718e-4).
+    moved = hparams.to_constrained(hparams.unconstrained_value + [1.0, 0.0]).numpy()
+    np.testing.assert_allclose(moved[0], 1e-4 * np.e, rtol=1e-3)
