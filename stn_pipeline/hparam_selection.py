@@ -1,9 +1,11 @@
 """`--hparams=NAME[=INIT],...`: which of an experiment's hyperparameters are tuned.
 
 Selected hyperparameters are tuned (and are the hypernetwork's inputs), with the given initial
-values where an entry has one; the others stay fixed at their declared initial values. An empty
-selection tunes all of them. Columns keep the experiment's declaration order, so the same set
-gives the same network whatever order the flag lists it in.
+values where an entry has one; the experiment's other hyperparameters stay fixed at their declared
+initial values. Optional ones (the loss terms weight_decay and label_smoothing) exist only when
+selected: unselected, they are left out, not fixed at their init, so they change no default run.
+An empty selection tunes the experiment's own hyperparameters. Columns keep the declaration order
+(own, then optional), so a set gives the same network whatever order the flag lists it in.
 """
 
 from __future__ import annotations
@@ -35,18 +37,25 @@ class HParamSelection:
                 for spec in self.fixed}
 
 
-def select_hparams(text: str, available: Sequence[HParam],
+def select_hparams(text: str, own: Sequence[HParam], optional: Sequence[HParam] = (),
                    flag: str = "--hparams") -> HParamSelection:
-    """Parses `text` ("name[=init],...") against the experiment's declarations `available`.
+    """Parses `text` ("name[=init],...") against an experiment's declarations.
+
+    Args:
+      text: the flag's value.
+      own: the experiment's hyperparameters (fixed at their init unless selected).
+      optional: hyperparameters that exist only when selected.
+      flag: the flag named in errors.
 
     Raises:
       ValueError: one line naming `flag`, for an unknown or repeated name (listing the available
         ones), an init that is not a number, or an init outside the hyperparameter's range.
     """
+    available = [*own, *optional]
     by_name = {spec.name: spec for spec in available}
     entries = [entry.strip() for entry in text.split(",") if entry.strip()]
     if not entries:
-        return HParamSelection(tuple(available), ())
+        return HParamSelection(tuple(own), ())
     chosen: dict[str, HParam] = {}
     for entry in entries:
         name, has_init, value = (part.strip() for part in entry.partition("="))
@@ -67,4 +76,4 @@ def select_hparams(text: str, available: Sequence[HParam],
                 raise ValueError(f"{flag}: {error}") from None
         chosen[name] = spec
     return HParamSelection(tuple(chosen[s.name] for s in available if s.name in chosen),
-                           tuple(s for s in available if s.name not in chosen))
+                           tuple(s for s in own if s.name not in chosen))
