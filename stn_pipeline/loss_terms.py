@@ -29,8 +29,11 @@ from typing import Sequence
 import tensorflow as tf
 
 from stn_pipeline.hparams import BOUNDED, POSITIVE, HParam
+from stn_pipeline.layers import StnConv2D, StnDense
+from stn_pipeline.plain_layers import PlainConv2D, PlainDense
 
-__all__ = ["LOSS_TERM_HPARAMS", "l2_penalty", "smoothed_cross_entropy", "stn_l2_penalty"]
+__all__ = ["LOSS_TERM_HPARAMS", "l2_penalty", "layers_l2_penalty", "smoothed_cross_entropy",
+           "stn_l2_penalty"]
 
 LOSS_TERM_HPARAMS = {
     "weight_decay": HParam("weight_decay", 0.0, None, 1e-4, kind=POSITIVE),
@@ -104,3 +107,28 @@ def stn_l2_penalty(weight_decay: tf.Tensor, kernel_e: tf.Tensor, kernel_h: tf.Te
     squares = (tf.square(elementary_scale) * ee + 2.0 * elementary_scale * tf.linalg.matvec(
         weight_gate, eh) + tf.linalg.matvec(tf.square(weight_gate), hh))
     return tf.cast(weight_decay, squares.dtype) * 0.5 * squares
+
+
+def layers_l2_penalty(weight_decay: tf.Tensor, layers: Sequence[tf.Module],
+                      hnet_input: tf.Tensor) -> tf.Tensor:
+    """Per-example weight decay of a model's STN and plain layers (see the module docstring).
+
+    Args:
+      weight_decay: [B] per-example coefficients.
+      layers: `StnDense`/`StnConv2D` (their effective kernels at each example's gates) and
+        `PlainDense`/`PlainConv2D` (their kernels).
+      hnet_input: [B, H] the examples' hypernet inputs (unused by plain layers).
+
+    Returns:
+      [B] penalties.
+    """
+    plain = [layer.kernel for layer in layers if isinstance(layer, (PlainDense, PlainConv2D))]
+    penalty = l2_penalty(weight_decay, plain) if plain else tf.zeros_like(weight_decay)
+    for layer in layers:
+        if isinstance(layer, (StnDense, StnConv2D)):
+            # The elementary and response kernels are the two halves of `kernel`.
+            kernel_e, kernel_h = tf.split(layer.kernel, 2, axis=-1)
+            weight_gate, _ = layer.gates(hnet_input)
+            penalty += stn_l2_penalty(weight_decay, kernel_e, kernel_h, layer.elementary_scale,
+                                      weight_gate)
+    return penalty

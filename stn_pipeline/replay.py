@@ -25,12 +25,14 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["HParamTrajectory", "ReplayError", "RESULTS_FILE"]
+from stn_pipeline.config import ConfigError, RunConfig
+
+__all__ = ["HParamTrajectory", "ReplayError", "RESULTS_FILE", "replay_config"]
 
 RESULTS_FILE = "results.json"  # what stn_pipeline.run writes when a run finishes
 
 
-class ReplayError(ValueError):
+class ReplayError(ConfigError):
     """A run that cannot be replayed, with a one-line message naming it."""
 
 
@@ -167,3 +169,31 @@ def _check_same_data(where: str, source: dict, replay: dict) -> None:
                 np.atleast_1d(new)):
             raise ReplayError(f"{where} was trained on data of {what} {old}, but the replay's "
                               f"data has {new}.")
+
+
+def replay_config(config: RunConfig) -> RunConfig:
+    """`config` completed from its `--replay` source (unchanged without one).
+
+    The replay tunes (follows) the source's hyperparameters and fixes the same others: an empty
+    `--hparams` takes the source's. It trains as many weight steps as the source: an unset
+    `--max_steps` becomes the source's `weight_steps`.
+
+    Raises:
+      ReplayError: a missing or unfinished source, or one trained with another batch size (its
+        steps would be other steps).
+    """
+    if not config.replay or config.network != "plain":  # validate_config refuses the latter
+        return config
+    results = _read_results(config.replay)
+    source = results.get("config") or {}
+    batch_size = (source.get("data") or {}).get("batch_size", config.data.batch_size)
+    if batch_size != config.data.batch_size:
+        raise ReplayError(f"--replay={config.replay} was trained with --batch_size={batch_size}, "
+                          f"the replay has --batch_size={config.data.batch_size}; a weight step "
+                          "must be the same step in both.")
+    changes = {}
+    if not config.hparams and source.get("hparams"):
+        changes["hparams"] = source["hparams"]
+    if not config.loop.max_steps and results.get("weight_steps"):
+        changes["max_steps"] = int(results["weight_steps"])
+    return config.override(**changes)
