@@ -84,10 +84,8 @@ class HParamTrajectory:
         results = _read_results(run_dir)
         where = f"--replay={run_dir}"
         source_config = results.get("config") or {}
-        source_experiment = source_config.get("experiment")
-        if experiment is not None and source_experiment != experiment:
-            raise ReplayError(f"{where} is a run of experiment {source_experiment!r}, not "
-                              f"{experiment!r}.")
+        if experiment is not None:
+            _check_experiment(run_dir, source_config, experiment)
         source_metadata = results.get("metadata") or {}
         if metadata is not None:
             _check_same_data(where, source_metadata, metadata)
@@ -159,6 +157,12 @@ def _read_results(run_dir: str) -> dict:
     return results
 
 
+def _check_experiment(run_dir: str, source_config: dict, experiment: str) -> None:
+    if source_config.get("experiment") != experiment:
+        raise ReplayError(f"--replay={run_dir} is a run of experiment "
+                          f"{source_config.get('experiment')!r}, not {experiment!r}.")
+
+
 def _check_same_data(where: str, source: dict, replay: dict) -> None:
     pairs = [("image shape", source.get("image_shape"), replay.get("image_shape"))]
     if source.get("class_names") is not None and replay.get("class_names") is not None:
@@ -186,6 +190,7 @@ def replay_config(config: RunConfig) -> RunConfig:
         return config
     results = _read_results(config.replay)
     source = results.get("config") or {}
+    _check_experiment(config.replay, source, config.experiment)
     batch_size = (source.get("data") or {}).get("batch_size", config.data.batch_size)
     if batch_size != config.data.batch_size:
         raise ReplayError(f"--replay={config.replay} was trained with --batch_size={batch_size}, "
