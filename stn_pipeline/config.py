@@ -61,7 +61,9 @@ class RunConfig:
 
     experiment: str
     seed: int = 0
-    hparam_inits: str = ""
+    hparams: str = ""
+    network: str = "stn"
+    replay: str = ""
     keep_checkpoints: int = 3
     precision: str = "float32"  # or "mixed_bfloat16": see stn_pipeline/precision.py
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
@@ -111,6 +113,9 @@ class RunConfig:
             flags = {k: v for k, v in values.items() if k in FLAGS and k != "experiment"}
             return cls(experiment=values["experiment"]).override(**flags)
         settings = dict(values)
+        if settings.pop("hparam_inits", ""):  # written before --hparams replaced it
+            raise ConfigError("this config sets --hparam_inits, which --hparams=NAME=INIT,... "
+                              "replaced; rerun with --hparams.")
         for field in dataclasses.fields(cls):
             if field.name in _PARTS and field.name in settings:
                 settings[field.name] = _from_dict(_PARTS[field.name], settings[field.name])
@@ -157,7 +162,13 @@ FLAGS = _flag_places()
 HELP = {
     "experiment": "The registered experiment.",
     "seed": "Seed of initialisation, data order, perturbations and masks.",
-    "hparam_inits": "Initial values, e.g. 'dropout0=0.2,cutout_length=8'.",
+    "hparams": ("The tuned hyperparameters with optional initial values, e.g. "
+                "'dropout0,weight_decay=0.001,label_smoothing'; the others stay fixed at their "
+                "initial values. Empty: all of the experiment's own."),
+    "network": ("'stn' (hypernetwork-gated layers, tuned) or 'plain' (ordinary layers at fixed "
+                "or replayed hyperparameters; implies --tune=false)."),
+    "replay": ("Path of a finished run: train the plain network with its hyperparameters "
+               "following that run's recorded trajectory (implies --network=plain)."),
     "keep_checkpoints": "How many resume checkpoints to keep.",
     "precision": "'float32' or 'mixed_bfloat16' (STN layers' matmuls and convolutions in "
                  "bfloat16, variables and losses float32; README 'Precision').",
@@ -196,7 +207,8 @@ _POSITIVE = ("batch_size", "epochs", "train_steps", "log_every", "toy_depth", "t
 _NON_NEGATIVE = ("max_steps", "warmup_epochs", "hyper_steps", "nonmono", "patience",
                  "max_examples", "tau", "checkpoint_every", "min_lr")
 _OPEN_UNIT = ("valid_fraction", "decay_factor")
-_CHOICES = {"weight_optimizer": ("sgd", "adam"), "on_nan": ON_NAN_MODES}
+_CHOICES = {"weight_optimizer": ("sgd", "adam"), "on_nan": ON_NAN_MODES,
+            "network": ("stn", "plain")}
 
 
 def check_setting(flag: str, value: Any) -> None:

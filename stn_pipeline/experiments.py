@@ -15,13 +15,20 @@ import tensorflow as tf
 
 from stn_pipeline import data as data_lib
 from stn_pipeline.config import RunConfig
+from stn_pipeline.hparam_selection import HParamSelection, select_hparams
 from stn_pipeline.hparams import HParam, HyperParameters
+from stn_pipeline.loss_terms import LOSS_TERM_HPARAMS
 from stn_pipeline.models.alexnet import CifarAlexNet, alexnet_hparams
 from stn_pipeline.models.base import StnModel
 from stn_pipeline.models.cifar_cnn import CifarCnn, cifar_cnn_hparams
 from stn_pipeline.models.relu_toy import ReluToy, input_range_hparam
+from stn_pipeline.plain_layers import LayerFactory
 from stn_pipeline.seeds import stream_seed
 from stn_pipeline.training import RunData
+
+# cifar_cnn: the earlier TF port's CNN (3 conv dropouts + pixel drop); cifar_alexnet: the STN
+# paper's AlexNet with its 15 hyperparameters.
+_IMAGE_MODELS = {"cifar_cnn": CifarCnn, "cifar_alexnet": CifarAlexNet}
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunConfig", "build_experiment", "build_model",
            "default_config", "hparam_specs"]
@@ -47,20 +54,29 @@ def _batches(arrays, batch_size: int, seed: int | None) -> tf.data.Dataset:
     return dataset.batch(batch_size, drop_remainder=True)
 
 
+def _hyperparameters(config: RunConfig) -> tuple[HyperParameters, LayerFactory, list[HParam]]:
+    """The run's hyperparameters, its layer factory and every acting declaration."""
+    selection = hparam_specs(config)
+    hparams = HyperParameters(selection.tuned, seed=config.seed, fixed=selection.fixed)
+    layers = LayerFactory(network=config.network, num_hparams=hparams.size)
+    return hparams, layers, [*selection.tuned, *selection.fixed]
+
+
 def _relu_toy_model(config: RunConfig) -> tuple[StnModel, HyperParameters]:
-    hparams = HyperParameters(hparam_specs(config), seed=config.seed)
-    model = ReluToy(config.toy.depth, config.toy.width, hparams.size, seed=config.seed)
+    hparams, layers, _ = _hyperparameters(config)
+    model = ReluToy(config.toy.depth, config.toy.width, seed=config.seed, layers=layers)
     return model, hparams
 
 
-def _image_model(config: RunConfig, metadata: dict, model_class,
-                 specs) -> tuple[StnModel, HyperParameters]:
-    hparams = HyperParameters(specs, seed=config.seed)
+def _image_model(config: RunConfig, metadata: dict, model_class) -> tuple[StnModel,
+                                                                        HyperParameters]:
+    hparams, layers, specs = _hyperparameters(config)
     model = model_class(metadata["image_shape"], len(metadata["class_names"]), metadata["mean"],
-                        metadata["std"], specs, seed=config.seed)
+                        metadata["std"], specs, seed=config.seed, layers=layers)
     return model, hparams
 
 
+# The experiments' own hyperparameters; image experiments also offer the loss terms.
 _SPECS = {
     "relu_toy": lambda config: [input_range_hparam(config.toy.r0)],
     "cifar_cnn": lambda config: cifar_cnn_hparams(),
@@ -68,25 +84,15 @@ _SPECS = {
 }
 
 
-def hparam_specs(config: RunConfig) -> list[HParam]:
-    """The experiment's hyperparameters, with `config.hparam_inits` ("name=value,...") applied.
+def hparam_specs(config: RunConfig) -> HParamSelection:
+    """The experiment's hyperparameters split by `config.hparams` into tuned and fixed ones.
 
     Raises:
-      ValueError: for an unknown name, a malformed entry, or an init outside its range.
+      ValueError: one line naming --hparams, for an unknown name (listing the available ones), a
+        malformed entry, or an init outside its range.
     """
-    specs = _SPECS[config.experiment](config)
-    by_name = {spec.name: spec for spec in specs}
-    for entry in filter(None, (e.strip() for e in config.hparam_inits.split(","))):
-        name, _, value = entry.partition("=")
-        if name not in by_name:
-            raise ValueError(f"--hparam_inits: {config.experiment} has no hyperparameter "
-                             f"{name!r}; known: {sorted(by_name)}.")
-        try:
-            init = float(value)
-        except ValueError:
-            raise ValueError(f"--hparam_inits: {entry!r} is not name=number.") from None
-        by_name[name] = dataclasses.replace(by_name[name], init=init)
-    return [by_name[spec.name] for spec in specs]
+    optional = list(LOSS_TERM_HPARAMS.values()) if config.experiment in _IMAGE_MODELS else []
+    return select_hparams(config.hparams, _SPECS[config.experiment](config), optional)
 
 
 def build_relu_toy(config: RunConfig) -> Experiment:
@@ -110,7 +116,7 @@ def build_relu_toy(config: RunConfig) -> Experiment:
     return Experiment(model, hparams, data, spec, spec, {"task": "regression y = x^2"})
 
 
-def _build_image_classifier(config: RunConfig, model_class, specs) -> Experiment:
+def _build_image_classifier(config: RunConfig, model_class) -> Experiment:
     """An image classifier on a TFDS dataset or an image folder, split train/valid/test."""
     settings, batch_size = config.data, config.data.batch_size
     splits = data_lib.load_splits(settings.dataset, data_dir=settings.data_dir,
@@ -122,7 +128,7 @@ def _build_image_classifier(config: RunConfig, model_class, specs) -> Experiment
                 "class_names": list(info.class_names), "mean": list(info.mean),
                 "std": list(info.std), "num_train": info.num_train, "num_valid": info.num_valid,
                 "num_test": info.num_test}
-    model, hparams = _image_model(config, metadata, model_class, specs)
+    model, hparams = _image_model(config, metadata, model_class)
     eval_batch = max(batch_size, 500)
     data = RunData(
         train=data_lib.train_batches(splits.train, batch_size,
@@ -137,14 +143,9 @@ def _build_image_classifier(config: RunConfig, model_class, specs) -> Experiment
                       tf.TensorSpec([None], tf.int64), metadata)
 
 
-# cifar_cnn: the earlier TF port's CNN (3 conv dropouts + pixel drop); cifar_alexnet: the STN
-# paper's AlexNet with its 15 hyperparameters.
-_IMAGE_MODELS = {"cifar_cnn": CifarCnn, "cifar_alexnet": CifarAlexNet}
-
-
 def build_image_experiment(config: RunConfig) -> Experiment:
     """An image-classification experiment of `_IMAGE_MODELS`."""
-    return _build_image_classifier(config, _IMAGE_MODELS[config.experiment], hparam_specs(config))
+    return _build_image_classifier(config, _IMAGE_MODELS[config.experiment])
 
 
 # The paper's CIFAR schedule (section 4.1 of the reference): SGD 0.01, Adam 3e-3, tau 1e-3,
@@ -164,9 +165,17 @@ EXPERIMENTS: dict[str, tuple[Callable[[RunConfig], Experiment], dict]] = {
 
 
 def default_config(name: str, **flags) -> RunConfig:
-    """The registered defaults of experiment `name`, with `flags` (named as flags) changed."""
+    """The registered defaults of experiment `name`, with `flags` (named as flags) changed.
+
+    `replay` implies `network="plain"` and a plain network implies `tune=False` unless those are
+    given (`run.validate_config` refuses the contradictory combinations).
+    """
     if name not in EXPERIMENTS:
         raise ValueError(f"Unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}.")
+    if flags.get("replay"):
+        flags.setdefault("network", "plain")
+    if flags.get("network") == "plain":
+        flags.setdefault("tune", False)
     return RunConfig(experiment=name).override(**{**EXPERIMENTS[name][1], **flags})
 
 
@@ -185,4 +194,4 @@ def build_model(config: RunConfig, metadata: dict) -> tuple[StnModel, HyperParam
     default_config(config.experiment)  # validates the name
     if config.experiment == "relu_toy":
         return _relu_toy_model(config)
-    return _image_model(config, metadata, _IMAGE_MODELS[config.experiment], hparam_specs(config))
+    return _image_model(config, metadata, _IMAGE_MODELS[config.experiment])

@@ -43,7 +43,7 @@ from absl import logging
 
 from stn_pipeline import checkpoints
 from stn_pipeline.files import staging_folder, write_json
-from stn_pipeline.hparams import POSITIVE, HParamSample, HyperParameters
+from stn_pipeline.hparams import POSITIVE, HyperParameters
 from stn_pipeline.layers import StnConv2D, StnDense, fold_layer
 from stn_pipeline.models.base import StnClassifier, StnModel
 from stn_pipeline.models.image import StnImageClassifier
@@ -82,9 +82,7 @@ def fold_model(model: StnModel, hnet_input: tf.Tensor) -> StnModel:
     original model is not changed and shares no variables with the copy.
     """
     hnet_input = tf.reshape(tf.convert_to_tensor(hnet_input, tf.float32), [-1])
-    layers = stn_layers(model)
-    if not layers:
-        raise ExportError(f"{type(model).__name__} has no STN layers to fold.")
+    layers = stn_layers(model)  # none in a plain network: its copy is already ordinary
     # deepcopy's memo maps each STN layer to its replacement, wherever the model refers to it
     # (attributes, lists, dicts), and copies everything else.
     memo = {id(layer): fold_layer(layer, hnet_input) for _, layer in layers}
@@ -189,9 +187,8 @@ class ServingModule(tf.Module):
         images = self._check_images(images)
         batch = tf.shape(images)[0]
         size = len(self.hparam_names)
-        sample = HParamSample(self.hparam_names,
-                              tf.broadcast_to(self.tuned_values, [batch, size]),
-                              tf.broadcast_to(self.tuned_unconstrained, [batch, size]))
+        sample = self.hparams.make_sample(tf.broadcast_to(self.tuned_values, [batch, size]),
+                                          tf.broadcast_to(self.tuned_unconstrained, [batch, size]))
         model = self.folded_model
         return self._outputs(model(model.preprocess(images), sample, training=False, seed=None))
 
@@ -221,8 +218,7 @@ class ServingModule(tf.Module):
         with tf.control_dependencies(checks):
             values = tf.broadcast_to(hyperparameters, [batch, len(self.hparam_names)])
         hnet_input = self.hparams.to_unconstrained(values)
-        sample = HParamSample(self.hparam_names, self.hparams.to_constrained(hnet_input),
-                              hnet_input)
+        sample = self.hparams.make_sample(self.hparams.to_constrained(hnet_input), hnet_input)
         model = self.model
         return self._outputs(model(model.preprocess(images), sample, training=False, seed=None))
 

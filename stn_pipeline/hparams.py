@@ -9,6 +9,10 @@ it to its range with a bijector. Training perturbs it per example:
 `hnet_input` feeds the STN layer gates and is never floored; `value` drives dropout rates and
 augmentation strengths.
 
+Fixed hyperparameters (`fixed=`) are not tuned: they are constant columns appended to every
+sample's values, so they still act on the model and data, but they are not inputs of the
+hypernetwork (`hnet_input` has the tuned columns only) and have no variables.
+
 #### References
 MacKay et al., Self-Tuning Networks, ICLR 2019, https://arxiv.org/abs/1903.03088
 """
@@ -89,9 +93,10 @@ class HParamSample:
 
     Attributes:
       names: hyperparameter names, the column order.
-      values: [B, H] constrained values (floored where discrete). No gradient flows through the
-        floor; values of continuous hyperparameters keep their gradient.
-      hnet_input: [B, H] unconstrained values that feed the STN gates.
+      values: [B, H + F] constrained values (floored where discrete) of the H tuned and then the F
+        fixed hyperparameters. No gradient flows through the floor; values of continuous
+        hyperparameters keep their gradient.
+      hnet_input: [B, H] unconstrained values of the tuned ones, which feed the STN gates.
     """
 
     names: tuple[str, ...]
@@ -118,28 +123,34 @@ class HyperParameters(tf.Module):
     `seed` is the run seed: the perturbation noise draws from its own stream of it
     (`seeds.stream_seed(seed, "perturbation")`).
 
+    `fixed` declares hyperparameters held at their `init` (floored if discrete): samples carry
+    them after the tuned columns (`sample_names`), nothing else sees them.
+
     Variables (float32, shape [H], no batch dimension, so any batch size works):
       unconstrained_value: the tuned values, mapped to their ranges by `HParam.bijector()`.
       unconstrained_scale: sigma = softplus(unconstrained_scale) is the perturbation scale.
     """
 
-    def __init__(self, specs: Sequence[HParam], seed: int = 0, name: str | None = None):
+    def __init__(self, specs: Sequence[HParam], seed: int = 0, name: str | None = None,
+                 fixed: Sequence[HParam] = ()):
         super().__init__(name=name)
-        specs = tuple(specs)
+        specs, fixed = tuple(specs), tuple(fixed)
         if not specs:
             raise ValueError("HyperParameters needs at least one HParam.")
-        names = [spec.name for spec in specs]
+        names = [spec.name for spec in specs + fixed]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"Duplicate hyperparameter names: {duplicates}.")
         self.specs = specs
-        self.names = tuple(names)
+        self.names = tuple(names[:len(specs)])
+        self.fixed_specs = fixed
+        self.sample_names = tuple(names)
+        self.fixed_values = {s.name: float(math.floor(s.init)) if s.kind == DISCRETE else s.init
+                             for s in fixed}
+        self._fixed_row = tf.constant([list(self.fixed_values.values())], tf.float32,
+                                      shape=[1, len(fixed)])
         self._bijectors = [spec.bijector() for spec in specs]
-        # A discrete value starts mid-way into its integer cell, so that float32 round-off
-        # (and small moves) do not floor an integer init to the integer below.
-        start = [min(math.floor(s.init) + 0.5, (s.init + s.maximum) / 2)
-                 if s.kind == DISCRETE else s.init for s in specs]
-        init = [float(b.inverse(float(v))) for b, v in zip(self._bijectors, start)]
+        init = self._unconstrained_of([s.init for s in specs])
         scale = [float(tfp.math.softplus_inverse(float(s.scale_init))) for s in specs]
         self.unconstrained_value = tf.Variable(init, dtype=tf.float32, name="unconstrained_value")
         self.unconstrained_scale = tf.Variable(scale, dtype=tf.float32, name="unconstrained_scale")
@@ -149,7 +160,27 @@ class HyperParameters(tf.Module):
 
     @property
     def size(self) -> int:
+        """The number of tuned hyperparameters (the hypernet input width)."""
         return len(self.specs)
+
+    def _unconstrained_of(self, values: Sequence[float]) -> list[float]:
+        # A discrete value goes mid-way into its integer cell, so that float32 round-off (and
+        # small moves) do not floor an integer to the integer below.
+        start = [min(math.floor(v) + 0.5, (v + s.maximum) / 2) if s.kind == DISCRETE else v
+                 for s, v in zip(self.specs, values)]
+        return [float(b.inverse(float(v))) for b, v in zip(self._bijectors, start)]
+
+    def assign_values(self, values: Sequence[float]) -> None:
+        """Sets the tuned hyperparameters to [H] constrained `values` (eager only).
+
+        A discrete value v becomes an unconstrained value whose floored image is exactly v.
+        """
+        self.unconstrained_value.assign(self._unconstrained_of(list(values)))
+
+    def make_sample(self, values: tf.Tensor, hnet_input: tf.Tensor) -> HParamSample:
+        """The sample of [B, H] tuned `values` and `hnet_input`, with the fixed columns added."""
+        fixed = tf.broadcast_to(self._fixed_row, [tf.shape(values)[0], len(self.fixed_specs)])
+        return HParamSample(self.sample_names, tf.concat([values, fixed], axis=1), hnet_input)
 
     def index(self, name: str) -> int:
         if name not in self.names:
@@ -199,7 +230,7 @@ class HyperParameters(tf.Module):
             noise = tf.where(self._shared, self._shared_noise() if _replicated() else noise[:1],
                              noise)
             unconstrained = unconstrained + self.scale() * noise
-        return HParamSample(self.names, self.to_constrained(unconstrained), unconstrained)
+        return self.make_sample(self.to_constrained(unconstrained), unconstrained)
 
     def _shared_noise(self) -> tf.Tensor:
         """[1, H] noise that is the same on every replica of a `tf.distribute` strategy.

@@ -15,6 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from stn_pipeline.layers import StnConv2D, StnDense
+from stn_pipeline.plain_layers import PlainConv2D, PlainDense
 
 __all__ = ["PRECISIONS", "PrecisionError", "apply_precision", "check_precision",
            "compute_dtype", "cpu_bf16_flags"]
@@ -79,16 +80,19 @@ def check_precision(precision: str) -> tf.DType:
     return dtype
 
 
+_LAYERS = (StnDense, StnConv2D, PlainDense, PlainConv2D)
+
+
 def apply_precision(model: tf.Module, precision: str) -> int:
-    """Sets the compute dtype of every STN layer of `model`; returns how many were set.
+    """Sets the compute dtype of every STN or plain layer of `model`; returns how many were set.
 
     Call it before the model's first traced call (a compiled step keeps the dtype it was traced
     with). Variables are not touched: they stay float32 at every precision.
     """
     dtype = check_precision(precision)
-    layers = {id(m): m for m in (model, *model.submodules) if isinstance(m, (StnDense, StnConv2D))}
+    layers = {id(m): m for m in (model, *model.submodules) if isinstance(m, _LAYERS)}
     if not layers and dtype != tf.float32:
-        logging.warning("--precision=%s: %s has no STN layers, nothing computes in %s.",
+        logging.warning("--precision=%s: %s has no STN or plain layers, nothing computes in %s.",
                         precision, type(model).__name__, dtype.name)
     for layer in layers.values():
         layer.compute_dtype = dtype

@@ -7,12 +7,14 @@ import os
 import time
 from typing import Iterable
 
+import numpy as np
 from absl import logging
 
 from stn_pipeline import distribute, experiments, export, precision, resume
 from stn_pipeline.checkpoints import RunCheckpoints, restore_trainer
 from stn_pipeline.config import ConfigError, RunConfig, check_setting
 from stn_pipeline.files import atomic_write
+from stn_pipeline.replay import HParamTrajectory, replay_config
 from stn_pipeline.summaries import RunLogger, write_json
 from stn_pipeline.trainer import StnTrainer
 from stn_pipeline.training import LoopState, fit
@@ -46,9 +48,17 @@ def validate_config(config: RunConfig) -> None:
     if not config.data.dataset.strip():
         raise ConfigError("--dataset is empty; give a TFDS name or folder:<dir>.")
     try:
-        experiments.hparam_specs(config)
+        selection = experiments.hparam_specs(config)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if config.network == "plain" and config.trainer.tune:
+        raise ConfigError("--network=plain has no hypernetwork to tune its hyperparameters; "
+                          "drop --tune=true (plain runs train at fixed or replayed values).")
+    if config.replay and config.network != "plain":
+        raise ConfigError(f"--replay trains the plain network; drop --network={config.network}.")
+    if config.replay:  # missing, unfinished, another experiment, other hyperparameters
+        HParamTrajectory.from_run(config.replay, experiment=config.experiment,
+                                  names=[spec.name for spec in selection.tuned])
 
 
 def prepare_logdir(logdir: str, overwrite: bool) -> bool:
@@ -99,6 +109,7 @@ def run_experiment(config: RunConfig, logdir: str, overwrite: bool = False,
     `strategy` (from `distribute.make_strategy`) trains under `tf.distribute`, `batch_size` being
     the global batch; only its chief writes `logdir` (others write to a removed temp folder).
     """
+    config = replay_config(config)
     stored = None if overwrite else resume.read_stored_run(logdir)
     if stored is not None:
         config = resume.resumed_config(stored, config, given)
@@ -171,7 +182,8 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
                  config.experiment, experiment.hparams.size, list(experiment.hparams.names),
                  experiment.data.steps_per_epoch)
     results = fit_and_record(trainer, experiment, config, logger, checkpoints, loop_state,
-                             extend=extend, with_settings=not finished_before)
+                             extend=extend, with_settings=not finished_before,
+                             on_weight_step=_replay_hook(config, experiment))
     logger.close()
     write_json(os.path.join(logdir, RESULTS_FILE), results)
     logging.info("results written to %s", os.path.join(logdir, RESULTS_FILE))
@@ -186,20 +198,43 @@ def _run(config, logdir, write_dir, overwrite, flagfile_text, restore_fallback, 
     return results
 
 
+def _replay_hook(config: RunConfig, experiment: experiments.Experiment):
+    """`fit`'s `on_weight_step` for `--replay` (None otherwise): the HOLD rule, after s weight
+    steps the source's values logged at its last logged step <= s."""
+    if not config.replay:
+        return None
+    trajectory = HParamTrajectory.from_run(config.replay, experiment=config.experiment,
+                                           names=experiment.hparams.names,
+                                           metadata=experiment.metadata)
+    planned = config.schedule.epochs * experiment.data.steps_per_epoch
+    if planned < trajectory.weight_steps:
+        logging.warning("--replay=%s trained %d weight steps; --epochs=%d gives only %d.",
+                        config.replay, trajectory.weight_steps, config.schedule.epochs, planned)
+
+    def on_weight_step(step: int) -> None:
+        experiment.hparams.assign_values(trajectory.values_at(step))
+    return on_weight_step
+
+
 def fit_and_record(trainer: StnTrainer, experiment: experiments.Experiment,
                    config: RunConfig, logger: RunLogger,
                    checkpoints: RunCheckpoints | None = None,
                    loop_state: LoopState | None = None, extend: bool = False,
-                   with_settings: bool = True) -> dict:
+                   with_settings: bool = True, on_weight_step=None) -> dict:
     """Trains and returns the results with the config and HParams summary attached.
 
     `extend` trains on past an early stop of a resumed run; `with_settings` writes the HParams
-    settings record (once per run: False for an extension of a finished run).
+    settings record (once per run: False for an extension of a finished run);
+    `on_weight_step` is `fit`'s hook (a replay sets the hyperparameters there).
     """
     results = fit(trainer, experiment.data, config.schedule, logger, config.loop, checkpoints,
-                  loop_state, extend=extend)
+                  loop_state, extend=extend, on_weight_step=on_weight_step)
     results["config"] = config.to_dict()
     results["metadata"] = experiment.metadata
+    results.setdefault("method", "stn")
+    results["network"] = config.network
+    results["num_parameters"] = sum(int(np.prod(v.shape)) for v in trainer.weights)
+    results["fixed_hparams"] = experiment.hparams.fixed_values
     settings = config.as_flags()
     settings.update({f"init/{k}": v for k, v in results["initial_hparams"].items()})
     final = {f"final/{k}": v for k, v in results["final_hparams"].items()}

@@ -211,7 +211,8 @@ class StnTrainer(tf.Module):
 
         def loss_fn():
             outputs = self.model(inputs, sample, training=True, seed=seeds[:, 1])
-            return tf.reduce_sum(self.model.loss(targets, outputs)) / global_size, outputs
+            losses = self.model.training_loss(targets, outputs, sample)  # loss terms: training only
+            return tf.reduce_sum(losses) / global_size, outputs
 
         loss, outputs, finite = self._descend(loss_fn, [(self.weight_optimizer, self.weights)])
         return {"loss": loss, **self._mean_metrics(targets, outputs, global_size),

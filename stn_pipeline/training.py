@@ -128,9 +128,12 @@ class _Loop:
     """
 
     def __init__(self, trainer: StnTrainer, data: RunData, config: ScheduleConfig,
-                 logger: RunLogger, options: LoopOptions, checkpoints, state: LoopState):
+                 logger: RunLogger, options: LoopOptions, checkpoints, state: LoopState,
+                 on_weight_step: Callable[[int], None] | None = None):
         self.trainer, self.data, self.config, self.logger = trainer, data, config, logger
         self.options, self.checkpoints, self.state = options, checkpoints, state
+        self.on_weight_step = on_weight_step or (lambda step: None)
+        self.on_weight_step(int(state.step.numpy()))
         self.record = state.load_record()
         self.record.setdefault("initial_hparams", trainer.hparams.as_dict())
         for key in ("trajectory", "history"):
@@ -183,6 +186,7 @@ class _Loop:
         weight_out = self.trainer.weight_step(*next(self.train_batches))
         self.step += 1
         self.check(weight_out, "weight-step")
+        self.on_weight_step(self.step)
         at_cycle_end = self.step % self.config.train_steps == 0
         hyper_out = self.hyper_cycle() if hyper_now and at_cycle_end else None
         if self.step % self.options.log_every == 0 or self.step == self.total_steps:
@@ -302,7 +306,8 @@ class _Loop:
 
 def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, logger: RunLogger,
         options: LoopOptions = LoopOptions(), checkpoints=None, loop_state: LoopState | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None, extend: bool = False) -> dict:
+        on_epoch_end: Callable[[int, dict], None] | None = None, extend: bool = False,
+        on_weight_step: Callable[[int], None] | None = None) -> dict:
     """Trains until the schedule stops, then restores the best-validation state.
 
     A resumed run carries on its schedule (validation losses, best epoch, patience) under the
@@ -322,6 +327,9 @@ def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, log
       loop_state: the loop's progress; a new one starts from scratch.
       on_epoch_end: optional callback(epoch, entry) with the epoch's history entry.
       extend: train on past an early stop (patience, rate floor) of the resumed run.
+      on_weight_step: optional callback(step) called at the start and after each weight step
+        (step = weight steps done), before hyper steps and logging: a replay sets the
+        hyperparameters of the next steps there.
 
     Returns:
       A results dict: best validation/test metrics, `best_epoch` (counted from 1 at the start of
@@ -334,7 +342,7 @@ def fit(trainer: StnTrainer, data: RunData, schedule_config: ScheduleConfig, log
     if options.on_nan not in ON_NAN_MODES:
         raise ValueError(f"on_nan must be one of {ON_NAN_MODES}, received {options.on_nan!r}.")
     loop = _Loop(trainer, data, schedule_config, logger, options, checkpoints,
-                 loop_state or LoopState())
+                 loop_state or LoopState(), on_weight_step)
     if loop.step:
         logging.info("resuming at weight step %d (epoch %d)", loop.step, loop.epoch + 1)
     if extend and loop.schedule.stop_reason:

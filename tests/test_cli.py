@@ -247,7 +247,7 @@ def test_config_errors_reach_the_command_line_as_one_line(tmp_path, monkeypatch)
 
 def test_config_round_trips_through_json():
     config = experiments.default_config("cifar_cnn", data_dir="/data", tune=False, nonmono=3,
-                                        toy_r0=1.5, hparam_inits="dropout0=0.2", on_nan="skip")
+                                        toy_r0=1.5, hparams="dropout0=0.2", on_nan="skip")
     written = json.loads(json.dumps(config.to_dict()))
     assert RunConfig.from_dict(written) == config
     assert written["trainer"]["tune"] is False and written["data"]["data_dir"] == "/data"

@@ -137,11 +137,6 @@ def test_folded_model_does_half_the_work():
     assert 2 * folded_weights == stn_weights
 
 
-def test_fold_model_rejects_models_without_stn_layers():
-    with pytest.raises(export.ExportError, match="no STN layers"):
-        export.fold_model(tf.Module(), tf.zeros([1]))
-
-
 # ------------------------------------------------------------------------------------------------
 # Signatures
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from stn_pipeline import experiments
 from stn_pipeline.hparams import DISCRETE, POSITIVE, HParam, HParamSample, HyperParameters
+from stn_pipeline.loss_terms import LOSS_TERM_HPARAMS
 from stn_pipeline.models import CifarAlexNet, CifarCnn, ReluToy, alexnet_hparams, cifar_cnn_hparams
 from stn_pipeline.models.image import augmentation_hparams
 
@@ -41,7 +42,7 @@ def _training_loss(model, names, values, hnet_input, batch):
     sample = HParamSample(names, tf.constant(values), hnet_input)
     inputs, targets = model.augment(*batch, sample, tf.constant([1, 2]))
     outputs = model(inputs, sample, training=True, seed=tf.constant([3, 4]))
-    return float(tf.reduce_mean(model.loss(targets, outputs)))
+    return float(tf.reduce_mean(model.training_loss(targets, outputs, sample)))
 
 
 def _moved(spec, value):
@@ -59,7 +60,10 @@ def test_every_registered_experiment_has_a_model_here():
 
 @pytest.mark.parametrize("experiment", sorted(_MODELS))
 def test_every_declared_hyperparameter_moves_the_training_loss(experiment):
-    specs = experiments.hparam_specs(experiments.default_config(experiment))
+    own = experiments.hparam_specs(experiments.default_config(experiment)).tuned
+    names = [spec.name for spec in own] + ([] if experiment == "relu_toy" else [*LOSS_TERM_HPARAMS])
+    config = experiments.default_config(experiment, hparams=",".join(names))
+    specs = experiments.hparam_specs(config).tuned  # every hyperparameter it offers, tuned
     hparams = HyperParameters(specs, seed=0)
     model = _MODELS[experiment](specs)
     batch = _batch(experiment)
@@ -108,8 +112,8 @@ def test_half_of_cutout_is_refused(extra, message):
 
 def test_a_hyperparameter_acting_on_nothing_is_refused():
     specs = cifar_cnn_hparams() + [
-        HParam("weight_decay", minimum=0.0, maximum=1.0, init=0.1)]
-    with pytest.raises(ValueError, match=r"CifarCnn: hyperparameters \['weight_decay'\] act on "
+        HParam("momentum", minimum=0.0, maximum=1.0, init=0.1)]
+    with pytest.raises(ValueError, match=r"CifarCnn: hyperparameters \['momentum'\] act on "
                                          "nothing"):
         CifarCnn(SHAPE, CLASSES, MEAN, STD, specs)
 

@@ -228,9 +228,13 @@ BAD = [
     (dict(keep_checkpoints=0), "--keep_checkpoints"),
     (dict(checkpoint_every=-5), "--checkpoint_every"),
     (dict(toy_r0=-1.0), "--toy_r0"),
-    (dict(hparam_inits="input_range=-2"), "input_range"),
-    (dict(hparam_inits="dropout9=0.1"), "dropout9"),
-    (dict(hparam_inits="input_range"), "name=number"),
+    (dict(hparams="input_range=-2"), "--hparams: .*input_range"),
+    (dict(hparams="dropout9=0.1"), "--hparams: unknown hyperparameter 'dropout9'; available: "
+                                   "input_range"),
+    (dict(hparams="input_range=wide"), "NAME=number"),
+    (dict(network="plain", tune=True), "--network=plain has no hypernetwork"),
+    (dict(network="stn", replay="/nonexistent/run"), "--replay trains the plain network"),
+    (dict(replay="/nonexistent/run"), "--replay=/nonexistent/run: no such run folder"),
     (dict(experiment="nope"), "--experiment"),
     (dict(dataset=" "), "--dataset"),
 ]
@@ -245,7 +249,7 @@ def test_bad_settings_fail_before_any_work(overrides, flag, tmp_path):
 
 
 def test_cli_bad_init_is_one_line(tmp_path):
-    result = _train(tmp_path / "x", "--hparam_inits=input_range=0")
+    result = _train(tmp_path / "x", "--hparams=input_range=0")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("stn-train: error:") and "input_range" in last and "0.0" in last

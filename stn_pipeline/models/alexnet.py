@@ -12,8 +12,9 @@ from typing import Sequence
 import tensorflow as tf
 
 from stn_pipeline.hparams import HParam, HParamSample
-from stn_pipeline.layers import StnConv2D, StnDense, dropout
+from stn_pipeline.layers import dropout
 from stn_pipeline.models.image import StnImageClassifier, augmentation_hparams, dropout_hparam
+from stn_pipeline.plain_layers import LayerFactory
 
 __all__ = ["CifarAlexNet", "alexnet_hparams"]
 
@@ -36,14 +37,14 @@ class CifarAlexNet(StnImageClassifier):
 
     def __init__(self, image_shape: Sequence[int], num_classes: int, mean: Sequence[float],
                  std: Sequence[float], hparams: Sequence[HParam], seed: int = 0,
-                 fc_width: int = 4096, name: str | None = None):
-        super().__init__(image_shape, mean, std, hparams, _DROPOUTS, name=name)
+                 fc_width: int = 4096, layers: LayerFactory | None = None,
+                 name: str | None = None):
+        super().__init__(image_shape, mean, std, hparams, _DROPOUTS, layers, name=name)
         height, width, channels = self.image_shape
-        num_hparams = len(hparams)
         self.convs = []
         for index, (filters, stride) in enumerate(_CONVS):
-            self.convs.append(StnConv2D(channels, filters, 3, num_hparams, stride=stride,
-                                        seed=seed + index, name=f"conv{index}"))
+            self.convs.append(self.layers.conv(channels, filters, 3, stride=stride,
+                                               seed=seed + index, name=f"conv{index}"))
             channels = filters
             height, width = -(-height // stride), -(-width // stride)  # SAME padding: ceil
             if index in _POOL_AFTER:
@@ -52,9 +53,9 @@ class CifarAlexNet(StnImageClassifier):
             raise ValueError(f"CifarAlexNet: images of {self.image_shape[:2]} are too small "
                              "(at least 16x16 is needed).")
         self.flat_size = height * width * channels
-        self.fc1 = StnDense(self.flat_size, fc_width, num_hparams, seed=seed + 5, name="fc1")
-        self.fc2 = StnDense(fc_width, fc_width, num_hparams, seed=seed + 6, name="fc2")
-        self.fc3 = StnDense(fc_width, num_classes, num_hparams, seed=seed + 7, name="fc3")
+        self.fc1 = self.layers.dense(self.flat_size, fc_width, seed=seed + 5, name="fc1")
+        self.fc2 = self.layers.dense(fc_width, fc_width, seed=seed + 6, name="fc2")
+        self.fc3 = self.layers.dense(fc_width, num_classes, seed=seed + 7, name="fc3")
 
     def __call__(self, inputs, sample: HParamSample, training: bool, seed=None):
         h = sample.hnet_input

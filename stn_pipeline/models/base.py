@@ -23,7 +23,9 @@ class StnModel(tf.Module):
       augment(inputs, targets, sample, seed): per-example perturbation for weight steps; returns
         prepared inputs and (possibly changed) targets. Default: `preprocess`, targets unchanged.
       __call__(inputs, sample, training, seed): outputs for prepared inputs.
-      loss(targets, outputs): per-example losses, shape [B].
+      loss(targets, outputs): per-example losses, shape [B] (hyper steps and evaluation).
+      training_loss(targets, outputs, sample): per-example losses of weight steps, which may
+        depend on the sample (loss-term hyperparameters). Default: `loss`.
       metrics(targets, outputs): dict of per-example metrics, each [B] (averaged by the trainer).
     """
 
@@ -38,6 +40,11 @@ class StnModel(tf.Module):
     def loss(self, targets: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
         raise TypeError(f"{type(self).__name__} must define loss(targets, outputs) or derive "
                         "from StnClassifier / StnRegressor.")
+
+    def training_loss(self, targets: tf.Tensor, outputs: tf.Tensor,
+                      sample: HParamSample) -> tf.Tensor:
+        del sample  # Unused: no loss-term hyperparameters by default.
+        return self.loss(targets, outputs)
 
     def metrics(self, targets: tf.Tensor, outputs: tf.Tensor) -> dict[str, tf.Tensor]:
         del targets, outputs  # Unused: no metric beyond the loss by default.

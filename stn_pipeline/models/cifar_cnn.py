@@ -11,8 +11,9 @@ from typing import Sequence
 import tensorflow as tf
 
 from stn_pipeline.hparams import HParam, HParamSample
-from stn_pipeline.layers import StnConv2D, StnDense, dropout
+from stn_pipeline.layers import dropout
 from stn_pipeline.models.image import StnImageClassifier, augmentation_hparams, dropout_hparam
+from stn_pipeline.plain_layers import LayerFactory
 
 __all__ = ["CifarCnn", "cifar_cnn_hparams"]
 
@@ -26,18 +27,17 @@ def cifar_cnn_hparams() -> list[HParam]:
 
 
 class CifarCnn(StnImageClassifier):
-    """The Keras-tutorial CNN with STN layers; any image size >= 18 pixels, any channel count."""
+    """The Keras-tutorial CNN (STN or plain layers); any image size >= 18 pixels, any channels."""
 
     def __init__(self, image_shape: Sequence[int], num_classes: int, mean: Sequence[float],
                  std: Sequence[float], hparams: Sequence[HParam], seed: int = 0,
-                 name: str | None = None):
-        super().__init__(image_shape, mean, std, hparams, _DROPOUTS, name=name)
+                 layers: LayerFactory | None = None, name: str | None = None):
+        super().__init__(image_shape, mean, std, hparams, _DROPOUTS, layers, name=name)
         height, width, channels = self.image_shape
-        num_hparams = len(hparams)
         self.convs = []
         for index, filters in enumerate(_FILTERS):
-            self.convs.append(StnConv2D(channels, filters, 3, num_hparams, padding="VALID",
-                                        seed=seed + index, name=f"conv{index}"))
+            self.convs.append(self.layers.conv(channels, filters, 3, padding="VALID",
+                                               seed=seed + index, name=f"conv{index}"))
             channels = filters
             height, width = height - 2, width - 2
             if index < 2:
@@ -46,8 +46,8 @@ class CifarCnn(StnImageClassifier):
             raise ValueError(f"CifarCnn: images of {self.image_shape[:2]} are too small "
                              "(at least 18x18 is needed).")
         self.flat_size = height * width * channels
-        self.dense = StnDense(self.flat_size, 64, num_hparams, seed=seed + 3, name="dense")
-        self.logits = StnDense(64, num_classes, num_hparams, seed=seed + 4, name="logits")
+        self.dense = self.layers.dense(self.flat_size, 64, seed=seed + 3, name="dense")
+        self.logits = self.layers.dense(64, num_classes, seed=seed + 4, name="logits")
 
     def __call__(self, inputs, sample: HParamSample, training: bool, seed=None):
         h = sample.hnet_input

@@ -5,6 +5,8 @@ whichever augmentation hyperparameters the model declares, each example at its o
 
     uint8 -> [0, 1] -> colour jitter (brightness, contrast, saturation, hue) -> normalise
           -> cutout (cutout_length, cutout_holes) -> input_dropout -> input_scale -> pixel_drop
+
+and the loss-term hyperparameters (`loss_terms.LOSS_TERM_HPARAMS`) in the weight-step loss only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import tensorflow as tf
 
 from stn_pipeline import augment
 from stn_pipeline.hparams import BOUNDED, DISCRETE, HParam, HParamSample
+from stn_pipeline.layers import StnConv2D, StnDense
+from stn_pipeline.loss_terms import LOSS_TERM_HPARAMS, layers_l2_penalty, smoothed_cross_entropy
 from stn_pipeline.models.base import StnClassifier
+from stn_pipeline.plain_layers import LayerFactory, PlainConv2D, PlainDense
 
 __all__ = ["AUGMENTATION_HPARAMS", "StnImageClassifier", "augmentation_hparams", "dropout_hparam",
            "max_cutout_holes"]
@@ -55,16 +60,19 @@ def augmentation_hparams(names: Sequence[str]) -> list[HParam]:
 class StnImageClassifier(StnClassifier):
     """Base of image classifiers: takes raw uint8 [B, H, W, C] images.
 
-    Subclasses implement `__call__(normalised_images, sample, training, seed)` and name the
-    hyperparameters their network applies (`network_hparams`). Every declared hyperparameter
-    must act: on the network, or on the data as one of `AUGMENTATION_HPARAMS`; construction
-    fails otherwise, naming it.
+    Subclasses implement `__call__(normalised_images, sample, training, seed)`, build their
+    layers through `self.layers` (STN or plain) and name the hyperparameters their network
+    applies (`network_hparams`). `hparams` are all the hyperparameters that act, tuned and fixed;
+    `layers` (default: STN layers gated by all of them) says how many are tuned. Every declared
+    hyperparameter must act: on the network, on the data as one of `AUGMENTATION_HPARAMS`, or on
+    the weight-step loss as one of `LOSS_TERM_HPARAMS`; construction fails otherwise, naming it.
     """
 
     def __init__(self, image_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
                  hparams: Sequence[HParam], network_hparams: Sequence[str] = (),
-                 name: str | None = None):
+                 layers: LayerFactory | None = None, name: str | None = None):
         super().__init__(name=name)
+        self.layers = layers or LayerFactory(num_hparams=len(hparams))
         if len(image_shape) != 3 or len(mean) != image_shape[-1] or len(std) != image_shape[-1]:
             raise ValueError(f"{type(self).__name__}: image_shape must be (H, W, C) with C means "
                              f"and stds, received {tuple(image_shape)}, {mean}, {std}.")
@@ -98,6 +106,18 @@ class StnImageClassifier(StnClassifier):
             images = augment.pixel_drop(images, 1.0 - sample["pixel_drop"], seeds[4])
         return images, targets
 
+    def training_loss(self, targets, outputs, sample: HParamSample):
+        """Cross entropy, label-smoothed and plus weight decay where those are declared."""
+        if "label_smoothing" in self.hparam_names:
+            loss = smoothed_cross_entropy(targets, outputs, sample["label_smoothing"])
+        else:
+            loss = self.loss(targets, outputs)
+        if "weight_decay" in self.hparam_names:
+            layers = [m for m in self.submodules
+                      if isinstance(m, (StnDense, StnConv2D, PlainDense, PlainConv2D))]
+            loss += layers_l2_penalty(sample["weight_decay"], layers, sample.hnet_input)
+        return loss
+
 
 def max_cutout_holes(specs: Sequence[HParam]) -> int:
     """The most cutout holes the declared range allows: floor of values < maximum."""
@@ -114,10 +134,12 @@ def _check_hparams(model: str, specs: Sequence[HParam], network_hparams: Sequenc
     missing = [n for n in network_hparams if n not in names]
     if missing:
         raise ValueError(f"{model}: its network applies hyperparameters {missing}; declare them.")
-    idle = [n for n in names if n not in network_hparams and n not in AUGMENTATION_HPARAMS]
+    idle = [n for n in names if n not in network_hparams and n not in AUGMENTATION_HPARAMS
+            and n not in LOSS_TERM_HPARAMS]
     if idle:
         raise ValueError(f"{model}: hyperparameters {idle} act on nothing: its network applies "
-                         f"{list(network_hparams)}, the data {sorted(AUGMENTATION_HPARAMS)}.")
+                         f"{list(network_hparams)}, the data {sorted(AUGMENTATION_HPARAMS)}, the "
+                         f"loss {sorted(LOSS_TERM_HPARAMS)}.")
     cutout = [n for n in ("cutout_length", "cutout_holes") if n in names]
     if len(cutout) == 1:
         raise ValueError(f"{model}: {cutout[0]} needs cutout_length and cutout_holes declared "

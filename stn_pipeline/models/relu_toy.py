@@ -8,8 +8,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from stn_pipeline.hparams import POSITIVE, HParam, HParamSample
-from stn_pipeline.layers import StnDense
 from stn_pipeline.models.base import StnRegressor
+from stn_pipeline.plain_layers import LayerFactory
 
 __all__ = ["ReluToy", "input_range_hparam"]
 
@@ -21,21 +21,24 @@ def input_range_hparam(init: float = 1.0, scale_init: float = 0.5) -> HParam:
 
 
 class ReluToy(StnRegressor):
-    """A ReLU network of `depth` hidden StnDense layers of `width` units, 1 input, 1 output.
+    """A ReLU network of `depth` hidden dense layers of `width` units, 1 input, 1 output.
+
+    Its layers are STN layers gated by `num_hparams` inputs, or `layers` (`LayerFactory`)'s.
 
     Weight-step inputs are u ~ U(-1, 1); `augment` turns them into x = r_i u with target x^2, so
     each example's input range is its own perturbed r_i.
     """
 
     def __init__(self, depth: int = 3, width: int = 32, num_hparams: int = 1, seed: int = 0,
-                 name: str | None = None):
+                 layers: LayerFactory | None = None, name: str | None = None):
         super().__init__(name=name)
         if depth < 1 or width < 1:
             raise ValueError(f"ReluToy: depth and width must be >= 1, received {depth}, {width}.")
+        layers = layers or LayerFactory(num_hparams=num_hparams)
         sizes = [1] + [width] * depth
-        self.hidden = [StnDense(i, o, num_hparams, seed=seed + k, name=f"hidden{k}")
+        self.hidden = [layers.dense(i, o, seed=seed + k, name=f"hidden{k}")
                        for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
-        self.head = StnDense(width, 1, num_hparams, seed=seed + depth, name="head")
+        self.head = layers.dense(width, 1, seed=seed + depth, name="head")
 
     def augment(self, inputs, targets, sample: HParamSample, seed):
         del targets, seed  # Unused: the target follows from the stretched input.
