@@ -16,6 +16,7 @@ import tensorflow as tf
 from stn_pipeline import data as data_lib
 from stn_pipeline.config import RunConfig
 from stn_pipeline.hparams import HParam, HyperParameters
+from stn_pipeline.methods import make_method
 from stn_pipeline.models.alexnet import CifarAlexNet, alexnet_hparams
 from stn_pipeline.models.base import StnModel
 from stn_pipeline.models.cifar_cnn import CifarCnn, cifar_cnn_hparams
@@ -167,7 +168,10 @@ def default_config(name: str, **flags) -> RunConfig:
     """The registered defaults of experiment `name`, with `flags` (named as flags) changed."""
     if name not in EXPERIMENTS:
         raise ValueError(f"Unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}.")
-    return RunConfig(experiment=name).override(**{**EXPERIMENTS[name][1], **flags})
+    config = RunConfig(experiment=name).override(**{**EXPERIMENTS[name][1], **flags})
+    if "train_steps" not in flags:  # each method's own cycle unless asked otherwise
+        config = config.override(train_steps=make_method(config.trainer.method).train_steps)
+    return config
 
 
 def build_experiment(config: RunConfig) -> Experiment:

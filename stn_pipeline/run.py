@@ -184,6 +184,7 @@ def fit_and_record(trainer: StnTrainer, experiment: experiments.Experiment,
     results = fit(trainer, experiment.data, config.schedule, logger, config.loop, checkpoints,
                   loop_state)
     results["config"] = config.to_dict()
+    results["method"] = config.trainer.method
     results["metadata"] = experiment.metadata
     settings = config.as_flags()
     settings.update({f"init/{k}": v for k, v in results["initial_hparams"].items()})
