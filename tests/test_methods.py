@@ -149,7 +149,8 @@ def test_hyper_gradient_reaches_lambda_only_through_the_sample():
         return float(tf.reduce_mean(model.loss(y, model(x, sample, training=False))))
 
     step = 1e-2
-    expected = [(loss_at(step * e) - loss_at(-step * e)) / (2 * step) for e in np.eye(2, dtype="f4")]
+    expected = [(loss_at(step * e) - loss_at(-step * e)) / (2 * step)
+                for e in np.eye(2, dtype="f4")]
     with tf.GradientTape() as tape:
         sample = trainer.method.prepare(hparams.sample(32, perturb=False), hparams)
         loss = tf.reduce_mean(model.loss(y, model(x, sample, training=False)))
