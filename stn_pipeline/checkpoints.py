@@ -157,6 +157,16 @@ class RunCheckpoints:
 
 def restore_trainer(trainer: tf.Module, prefix: str) -> None:
     """Restores every variable of `trainer` from a checkpoint written as `trainer=...`."""
+    try:  # a trainer of the other method has other parameter groups and optimizers
+        saved = {name.split("/")[1] for name, _ in tf.train.list_variables(prefix)
+                 if name.startswith("trainer/")}
+    except Exception:  # noqa: BLE001 -- reported by the read below
+        saved = None
+    if saved:
+        method = "delta_stn" if "response_optimizer" in saved else "stn"
+        if method != trainer.method.name:
+            raise CheckpointError(f"--init_from={prefix} holds a {method} trainer; it cannot "
+                                  f"initialise a --method={trainer.method.name} run.")
     try:
         tf.train.Checkpoint(trainer=trainer).read(prefix).assert_existing_objects_matched()
     except Exception as error:  # noqa: BLE001 -- missing, damaged or mismatched files

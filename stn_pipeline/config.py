@@ -14,6 +14,7 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
+from stn_pipeline.methods import METHODS
 from stn_pipeline.schedule import ScheduleConfig
 from stn_pipeline.trainer import TrainerConfig
 from stn_pipeline.training import ON_NAN_MODES, LoopOptions
@@ -179,6 +180,8 @@ HELP = {
     "tau": "Entropy weight of the hyper loss.",
     "tune": "False freezes the hyperparameters at their initial values (the baseline).",
     "tune_scales": "Learn the perturbation scales.",
+    "method": "'stn' or 'delta_stn' (Delta-STN: centred gates, general and response updates, "
+              "linearised response update; default cycle 5 weight : 1 hyper).",
     "epochs": "Maximum number of epochs.",
     "warmup_epochs": "Epochs of weight steps only before tuning starts.",
     "train_steps": "Weight steps per cycle.",
@@ -208,7 +211,7 @@ _NON_NEGATIVE = ("max_steps", "warmup_epochs", "hyper_steps", "nonmono", "patien
                  "max_examples", "tau", "checkpoint_every", "min_lr")
 _OPEN_UNIT = ("valid_fraction", "decay_factor")
 _CHOICES = {"weight_optimizer": ("sgd", "adam"), "on_nan": ON_NAN_MODES,
-            "network": ("stn", "plain")}
+            "network": ("stn", "plain"), "method": tuple(METHODS)}
 
 
 def check_setting(flag: str, value: Any) -> None:

@@ -18,6 +18,7 @@ from stn_pipeline.config import RunConfig
 from stn_pipeline.hparam_selection import HParamSelection, select_hparams
 from stn_pipeline.hparams import HParam, HyperParameters
 from stn_pipeline.loss_terms import LOSS_TERM_HPARAMS
+from stn_pipeline.methods import make_method
 from stn_pipeline.models.alexnet import CifarAlexNet, alexnet_hparams
 from stn_pipeline.models.base import StnModel
 from stn_pipeline.models.cifar_cnn import CifarCnn, cifar_cnn_hparams
@@ -176,7 +177,10 @@ def default_config(name: str, **flags) -> RunConfig:
         flags.setdefault("network", "plain")
     if flags.get("network") == "plain":
         flags.setdefault("tune", False)
-    return RunConfig(experiment=name).override(**{**EXPERIMENTS[name][1], **flags})
+    config = RunConfig(experiment=name).override(**{**EXPERIMENTS[name][1], **flags})
+    if "train_steps" not in flags:  # each method's own cycle unless asked otherwise
+        config = config.override(train_steps=make_method(config.trainer.method).train_steps)
+    return config
 
 
 def build_experiment(config: RunConfig) -> Experiment:

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from stn_pipeline import checkpoints
+from stn_pipeline import checkpoints, methods
 from stn_pipeline.files import staging_folder, write_json
 from stn_pipeline.hparams import POSITIVE, HyperParameters
 from stn_pipeline.layers import StnConv2D, StnDense, fold_layer
@@ -106,7 +106,7 @@ class ServingModule(tf.Module):
 
     def __init__(self, model: StnModel, hparams: HyperParameters, input_spec: tf.TensorSpec,
                  class_names: Sequence[str] = (), metadata_file: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, method: str = "stn"):
         """Constructs a `ServingModule` at the current hyperparameter values.
 
         Args:
@@ -116,6 +116,7 @@ class ServingModule(tf.Module):
           class_names: class names of a classifier, label i is class_names[i].
           metadata_file: optional JSON file saved as an asset of the SavedModel.
           name: module name.
+          method: "stn" or "delta_stn", which says what the gates see (`methods`).
         """
         super().__init__(name=name)
         if input_spec.shape.rank is None or input_spec.shape[0] is not None:
@@ -136,7 +137,8 @@ class ServingModule(tf.Module):
             self.tuned_continuous_values = tf.Variable(_continuous_values(hparams),
                                                        trainable=False,
                                                        name="tuned_continuous_values")
-        self.folded_model = fold_model(model, unconstrained)
+        self._hnet_input = methods.make_method(method).hnet_input
+        self.folded_model = fold_model(model, self._hnet_input(unconstrained, unconstrained))
         lows, highs = [], []
         for spec in hparams.specs:
             lows.append(float(spec.minimum))
@@ -217,8 +219,9 @@ class ServingModule(tf.Module):
                          f"inside their ranges: {self._ranges_text}"))]
         with tf.control_dependencies(checks):
             values = tf.broadcast_to(hyperparameters, [batch, len(self.hparam_names)])
-        hnet_input = self.hparams.to_unconstrained(values)
-        sample = self.hparams.make_sample(self.hparams.to_constrained(hnet_input), hnet_input)
+        unconstrained = self.hparams.to_unconstrained(values)
+        sample = self.hparams.make_sample(self.hparams.to_constrained(unconstrained),
+                                          self._hnet_input(unconstrained, self.tuned_unconstrained))
         model = self.model
         return self._outputs(model(model.preprocess(images), sample, training=False, seed=None))
 
@@ -315,7 +318,8 @@ def _versions(export_root: str) -> list[int]:
 
 
 def export_model(export_root: str, model: StnModel, hparams: HyperParameters,
-                 input_spec: tf.TensorSpec, metadata: Mapping[str, Any] | None = None) -> str:
+                 input_spec: tf.TensorSpec, metadata: Mapping[str, Any] | None = None,
+                 method: str = "stn") -> str:
     """Saves a new version `<export_root>/<n>/` (n = 1 + the highest existing version).
 
     The SavedModel is written to a hidden temporary folder and renamed into place, so a crash
@@ -326,6 +330,7 @@ def export_model(export_root: str, model: StnModel, hparams: HyperParameters,
       model, hparams: the trained model at its tuned hyperparameters.
       input_spec: spec of one batch of raw inputs, batch dimension None.
       metadata: JSON metadata (default: `export_metadata(model, hparams, input_spec)`).
+      method: the model's training method, "stn" or "delta_stn".
 
     Returns:
       The version folder written.
@@ -339,7 +344,7 @@ def export_model(export_root: str, model: StnModel, hparams: HyperParameters,
         write_json(metadata_path, metadata)
         module = ServingModule(model, hparams, input_spec,
                                class_names=metadata.get("class_names", ()),
-                               metadata_file=metadata_path)
+                               metadata_file=metadata_path, method=method)
         quiet_save(module, os.path.join(folder, "model"), module.signatures())
 
     return save_versioned(export_root, write)
@@ -394,7 +399,7 @@ def export_run(logdir: str, model: StnModel, hparams: HyperParameters,
     checkpoint_path = os.path.join(logdir, checkpoints.BEST_DIR, "ckpt")
     metadata = export_metadata(model, hparams, input_spec, results)
     export_path = export_model(os.path.join(logdir, EXPORT_DIR), model, hparams, input_spec,
-                               metadata)
+                               metadata, method=methods.recorded_method(results))
     return {"checkpoint_path": checkpoint_path, "export_path": export_path}
 
 
@@ -439,4 +444,4 @@ def export_from_logdir(logdir: str, model: StnModel, hparams: HyperParameters,
     input_spec = checkpoints.restore_best(logdir, model, hparams)
     metadata = export_metadata(model, hparams, input_spec, results)
     return export_model(export_root or os.path.join(logdir, EXPORT_DIR), model, hparams,
-                        input_spec, metadata)
+                        input_spec, metadata, method=methods.recorded_method(results))

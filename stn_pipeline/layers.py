@@ -29,7 +29,13 @@ _GATE_STDDEV = 0.01  # the original STN initialisation of V
 
 
 class _StnLayer(tf.Module):
-    """Shared parameters and gate arithmetic of the two STN layers."""
+    """Shared parameters and gate arithmetic of the two STN layers.
+
+    The elementary path (`elementary_kernel`, `elementary_bias`, `elementary_scale`) and the
+    response path (`response_kernel`, `response_bias`, `gate_kernel`) are separate variables, so
+    a method can update them as separate parameter groups (Delta-STN's general and response
+    parameters, `response_variables`).
+    """
 
     def __init__(self, kernel_shape, fan_in: int, output_size: int, num_hparams: int,
                  seed: int | None, name: str | None):
@@ -44,14 +50,23 @@ class _StnLayer(tf.Module):
         bound = 1.0 / math.sqrt(fan_in)
         init = (tf.random.Generator.from_non_deterministic_state() if seed is None
                 else tf.random.Generator.from_seed(seed))
-        uniform = lambda shape: init.uniform(shape, -bound, bound)  # noqa: E731
+        # Drawn as the former side-by-side [..., 2 D_out] kernel and [2 D_out] bias and split, so
+        # a seed gives the same initial network as before the paths were separate variables.
+        kernel_e, kernel_h = tf.split(init.uniform(kernel_shape[:-1] + [2 * output_size],
+                                                   -bound, bound), 2, axis=-1)
+        bias_e, bias_h = tf.split(init.uniform([2 * output_size], -bound, bound), 2)
         with self.name_scope:
-            # W_e and W_h are stored side by side: one matmul/conv computes both paths.
-            self.kernel = tf.Variable(uniform(kernel_shape[:-1] + [2 * output_size]), name="kernel")
-            self.bias = tf.Variable(uniform([2 * output_size]), name="bias")
+            self.elementary_kernel = tf.Variable(kernel_e, name="elementary_kernel")
+            self.response_kernel = tf.Variable(kernel_h, name="response_kernel")
+            self.elementary_bias = tf.Variable(bias_e, name="elementary_bias")
+            self.response_bias = tf.Variable(bias_h, name="response_bias")
             self.gate_kernel = tf.Variable(
                 init.normal([num_hparams, 2 * output_size], stddev=_GATE_STDDEV), name="gate_kernel")
             self.elementary_scale = tf.Variable(1.0, name="elementary_scale")
+
+    def response_variables(self) -> list[tf.Variable]:
+        """The response path: W_h, b_h and the gate map V (all that the hypernet input reaches)."""
+        return [self.response_kernel, self.response_bias, self.gate_kernel]
 
     def _to_compute(self, tensor: tf.Tensor) -> tf.Tensor:
         """`tensor` in the compute dtype (tf.cast is a no-op when the dtype already matches)."""
@@ -62,23 +77,21 @@ class _StnLayer(tf.Module):
         gates = tf.matmul(hnet_input, self.gate_kernel)
         return gates[:, :self.output_size], gates[:, self.output_size:]
 
-    def _combine(self, both: tf.Tensor, hnet_input: tf.Tensor) -> tf.Tensor:
-        """Combines the stacked [..., 2 D_out] pre-activations of both paths."""
-        elementary, response = tf.split(both, 2, axis=-1)
-        bias_e, bias_h = tf.split(self.bias, 2)
+    def _combine(self, elementary: tf.Tensor, response: tf.Tensor,
+                 hnet_input: tf.Tensor) -> tf.Tensor:
+        """c (elementary + b_e) + g_w * response + g_b * b_h from the float32 path outputs."""
         weight_gate, bias_gate = self.gates(hnet_input)
         # Gates are per example and per unit; insert the spatial axes of conv outputs.
-        expand = [slice(None)] + [None] * (len(both.shape) - 2) + [slice(None)]
-        return (self.elementary_scale * (elementary + bias_e) + weight_gate[expand] * response
-                + bias_gate[expand] * bias_h)
+        expand = [slice(None)] + [None] * (len(elementary.shape) - 2) + [slice(None)]
+        return (self.elementary_scale * (elementary + self.elementary_bias)
+                + weight_gate[expand] * response + bias_gate[expand] * self.response_bias)
 
     def folded(self, hnet_input: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Kernel and bias of the ordinary layer equal to this one at a single [H] input."""
-        kernel_e, kernel_h = tf.split(self.kernel, 2, axis=-1)
-        bias_e, bias_h = tf.split(self.bias, 2)
         weight_gate, bias_gate = self.gates(tf.reshape(hnet_input, [1, -1]))
-        kernel = self.elementary_scale * kernel_e + kernel_h * weight_gate[0]
-        return kernel, self.elementary_scale * bias_e + bias_gate[0] * bias_h
+        scale = self.elementary_scale
+        kernel = scale * self.elementary_kernel + self.response_kernel * weight_gate[0]
+        return kernel, scale * self.elementary_bias + bias_gate[0] * self.response_bias
 
 
 class StnDense(_StnLayer):
@@ -101,8 +114,11 @@ class StnDense(_StnLayer):
 
     def __call__(self, inputs: tf.Tensor, hnet_input: tf.Tensor) -> tf.Tensor:
         """[B, D_in] inputs and [B, H] hypernet input -> [B, D_out]."""
-        both = tf.matmul(self._to_compute(inputs), self._to_compute(self.kernel))
-        return self._combine(tf.cast(both, tf.float32), hnet_input)
+        inputs = self._to_compute(inputs)
+        elementary = tf.matmul(inputs, self._to_compute(self.elementary_kernel))
+        response = tf.matmul(inputs, self._to_compute(self.response_kernel))
+        return self._combine(tf.cast(elementary, tf.float32), tf.cast(response, tf.float32),
+                             hnet_input)
 
 
 class StnConv2D(_StnLayer):
@@ -133,18 +149,16 @@ class StnConv2D(_StnLayer):
 
     def __call__(self, inputs: tf.Tensor, hnet_input: tf.Tensor) -> tf.Tensor:
         """[B, H, W, C_in] inputs and [B, num_hparams] hypernet input -> [B, H', W', C_out]."""
-        # Two convolutions on the kernel halves, with c folded into W_e and b_e: splitting the
-        # small kernel is cheaper than splitting (and, backwards, concatenating) the large
-        # [B, H, W, 2 C_out] activations of one stacked convolution (benchmarks/throughput.py).
-        kernel_e, kernel_h = tf.split(self.kernel, 2, axis=-1)
-        bias_e, bias_h = tf.split(self.bias, 2)
+        # Two convolutions, with c folded into W_e and b_e: cheaper than one stacked convolution
+        # whose large [B, H, W, 2 C_out] output would be split (and, backwards, concatenated).
         weight_gate, bias_gate = self.gates(hnet_input)
         inputs = self._to_compute(inputs)
-        elementary = tf.cast(self._conv(inputs, self.elementary_scale * kernel_e), tf.float32)
-        elementary += self.elementary_scale * bias_e
-        response = tf.cast(self._conv(inputs, kernel_h), tf.float32)
+        scale = self.elementary_scale
+        elementary = tf.cast(self._conv(inputs, scale * self.elementary_kernel), tf.float32)
+        elementary += scale * self.elementary_bias
+        response = tf.cast(self._conv(inputs, self.response_kernel), tf.float32)
         return (elementary + weight_gate[:, None, None, :] * response
-                + bias_gate[:, None, None, :] * bias_h)
+                + bias_gate[:, None, None, :] * self.response_bias)
 
     def _conv(self, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
         return tf.nn.conv2d(inputs, self._to_compute(kernel), self.stride, self.padding)

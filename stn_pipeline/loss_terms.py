@@ -126,9 +126,7 @@ def layers_l2_penalty(weight_decay: tf.Tensor, layers: Sequence[tf.Module],
     penalty = l2_penalty(weight_decay, plain) if plain else tf.zeros_like(weight_decay)
     for layer in layers:
         if isinstance(layer, (StnDense, StnConv2D)):
-            # The elementary and response kernels are the two halves of `kernel`.
-            kernel_e, kernel_h = tf.split(layer.kernel, 2, axis=-1)
             weight_gate, _ = layer.gates(hnet_input)
-            penalty += stn_l2_penalty(weight_decay, kernel_e, kernel_h, layer.elementary_scale,
-                                      weight_gate)
+            penalty += stn_l2_penalty(weight_decay, layer.elementary_kernel,
+                                      layer.response_kernel, layer.elementary_scale, weight_gate)
     return penalty

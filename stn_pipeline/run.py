@@ -230,10 +230,11 @@ def fit_and_record(trainer: StnTrainer, experiment: experiments.Experiment,
     results = fit(trainer, experiment.data, config.schedule, logger, config.loop, checkpoints,
                   loop_state, extend=extend, on_weight_step=on_weight_step)
     results["config"] = config.to_dict()
+    results["method"] = config.trainer.method
     results["metadata"] = experiment.metadata
-    results.setdefault("method", "stn")
     results["network"] = config.network
-    results["num_parameters"] = sum(int(np.prod(v.shape)) for v in trainer.weights)
+    weights = trainer.weights + (trainer.response_weights if trainer.response_optimizer else [])
+    results["num_parameters"] = sum(int(np.prod(v.shape)) for v in weights)
     results["fixed_hparams"] = experiment.hparams.fixed_values
     settings = config.as_flags()
     settings.update({f"init/{k}": v for k, v in results["initial_hparams"].items()})

@@ -23,8 +23,9 @@ from typing import Callable, Sequence
 import tensorflow as tf
 from absl import logging
 
-from stn_pipeline import distribute, optimizers
-from stn_pipeline.hparams import HyperParameters
+from stn_pipeline import distribute, methods, optimizers
+from stn_pipeline.hparams import HParamSample, HyperParameters
+from stn_pipeline.linearize import linearized
 from stn_pipeline.models.base import StnModel
 from stn_pipeline.seeds import stream_seed
 
@@ -66,6 +67,8 @@ class TrainerConfig:
       tune: False freezes the hyperparameters: no perturbation in weight steps (the baseline),
         and `hyper_step` only measures the validation loss, changing nothing.
       tune_scales: learn the perturbation scales in hyper steps (which are then perturbed).
+      method: "stn" or "delta_stn" (`methods`); Delta-STN's response parameters get their own
+        optimizer of the same kind and learning rate as the weights.
     """
 
     weight_optimizer: str = "sgd"
@@ -75,6 +78,7 @@ class TrainerConfig:
     tau: float = 1e-3
     tune: bool = True
     tune_scales: bool = True
+    method: str = "stn"
 
 
 # A parameter group: the optimizer that updates it and its variables, in the optimizer's order.
@@ -116,11 +120,22 @@ class StnTrainer(tf.Module):
         self.target_spec = target_spec
         hparam_refs = {v.ref() for v in hparams.variables}
         # Select by object identity: names of TF2 variables are not unique.
-        self.weights = [v for v in model.trainable_variables if v.ref() not in hparam_refs]
-        if not self.weights:
+        weights = [v for v in model.trainable_variables if v.ref() not in hparam_refs]
+        if not weights:
             raise ValueError(f"{type(model).__name__} has no trainable variables; build it first.")
+        self.method = methods.make_method(config.method)
+        self.method.init(model)
+        response_refs = {v.ref() for v in self.method.response_variables(model)}
+        # Every weight (STN), or Delta-STN's general parameters; the response ones apart.
+        self.weights = [v for v in weights if v.ref() not in response_refs]
         self.weight_optimizer = optimizers.make_optimizer(
             config.weight_optimizer, self.weights, config.weight_lr, name="weight_optimizer")
+        self.response_optimizer = None
+        if response_refs:
+            self.response_weights = [v for v in weights if v.ref() in response_refs]
+            self.response_optimizer = optimizers.make_optimizer(
+                config.weight_optimizer, self.response_weights, config.weight_lr,
+                name="response_optimizer")
         self.hyper_optimizer = optimizers.Adam([hparams.unconstrained_value], config.hyper_lr,
                                                name="hyper_optimizer")
         self.scale_optimizer = optimizers.Adam([hparams.unconstrained_scale], config.scale_lr,
@@ -132,6 +147,17 @@ class StnTrainer(tf.Module):
         self.hyper_step = self._compile(self._hyper_step)
         self.evaluate = self._compile(self._evaluate)
         self.hyperparameters = tf.function(self._hyperparameters, input_signature=[])
+
+    @property
+    def weight_optimizers(self) -> list[tf.Module]:
+        """The optimizers of the weights (the learning-rate schedule acts on all of them)."""
+        return [o for o in (self.weight_optimizer, self.response_optimizer) if o is not None]
+
+    def _group(self, name: str) -> Update:
+        """The optimizer and variables of the parameter group `name` (`methods.WEIGHTS`...)."""
+        if name == methods.RESPONSE:
+            return self.response_optimizer, self.response_weights
+        return self.weight_optimizer, self.weights
 
     @property
     def replicated(self) -> bool:
@@ -170,10 +196,8 @@ class StnTrainer(tf.Module):
         gradient are finite, on every replica alike. Returns (summed loss, extras, finite): a
         tensor flag, so that several steps can run inside one compiled call.
 
-        Steps are built from this and `hparams.sample`, so a training method other than STN
-        (e.g. Delta-STN: another hypernet input, and general and response parameter groups
-        updated from their own losses and optimizers) only changes what `loss_fn` feeds the
-        model and which `updates` it descends.
+        Steps are built from this and `hparams.sample`; a training method (`methods`) only
+        changes what `loss_fn` feeds the model and which `updates` it descends.
         """
         variables = [v for _, group in updates for v in group]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -197,26 +221,46 @@ class StnTrainer(tf.Module):
         return {k: v / global_size for k, v in _global_sum(sums).items()}
 
     def _weight_step(self, inputs, targets):
-        """One SGD/Adam step of the model weights on a per-example perturbed batch.
+        """One weight step: the method's updates (`methods.Phase`) of its parameter groups.
 
-        Per-example noise, augmentation and masks come from per-replica streams (generators made
-        in the strategy scope); shared hyperparameters get one draw per global batch. The update
-        is applied only when the loss and every gradient are finite; the returned `finite` flag
-        tells the loop (which stops or counts a skipped step).
+        Each update draws its hyperparameters (per example when perturbed), augments the batch
+        and runs the model with that one sample; the first update's loss and metrics are the
+        step's. Per-example noise, augmentation and masks come from per-replica streams
+        (generators made in the strategy scope); shared hyperparameters get one draw per global
+        batch. An update is applied only when its loss and every gradient are finite; the
+        returned `finite` flag (all updates) tells the loop to stop or count a skipped step.
         """
         local_size, global_size = self._global_batch_size(targets)
-        sample = self.hparams.sample(local_size, perturb=self.config.tune)
+        results, finite = {}, tf.constant(True)
+        for phase in self.method.weight_phases(self.config.tune):
+            sample = self.method.prepare(self.hparams.sample(local_size, perturb=phase.perturb),
+                                         self.hparams)
+            loss, outputs, phase_finite, phase_targets = self._fit_phase(
+                inputs, targets, sample, phase, global_size)
+            finite = tf.logical_and(finite, phase_finite)
+            if not results:
+                results.update(self._mean_metrics(phase_targets, outputs, global_size))
+            results[f"{phase.name}loss"] = loss
+        return {**results, "finite": finite, "hparam_values": _gather(sample.values)}
+
+    def _fit_phase(self, inputs, targets, sample: HParamSample, phase, global_size):
+        """Augments with `sample` and descends the phase's group; the prediction is linearised
+        in the hypernet input around zero when the phase says so."""
         seeds = self.step_generator.make_seeds(2)
         inputs, targets = self.model.augment(inputs, targets, sample, seeds[:, 0])
 
+        def predict(hnet_input):
+            return self.model(inputs, dataclasses.replace(sample, hnet_input=hnet_input),
+                              training=True, seed=seeds[:, 1])
+
         def loss_fn():
-            outputs = self.model(inputs, sample, training=True, seed=seeds[:, 1])
+            outputs = (linearized(predict, sample.hnet_input) if phase.linearize
+                       else predict(sample.hnet_input))
             losses = self.model.training_loss(targets, outputs, sample)  # loss terms: training only
             return tf.reduce_sum(losses) / global_size, outputs
 
-        loss, outputs, finite = self._descend(loss_fn, [(self.weight_optimizer, self.weights)])
-        return {"loss": loss, **self._mean_metrics(targets, outputs, global_size),
-                "finite": finite, "hparam_values": _gather(sample.values)}
+        loss, outputs, finite = self._descend(loss_fn, [self._group(phase.group)])
+        return loss, outputs, finite, targets
 
     def _hyper_step(self, inputs, targets):
         """One Adam step of hyperparameter values (and scales) on a clean validation batch.
@@ -237,7 +281,8 @@ class StnTrainer(tf.Module):
                             "scales unchanged.")  # once per trace
 
         def loss_fn():
-            sample = hparams.sample(local_size, perturb=config.tune and config.tune_scales)
+            sample = self.method.prepare(
+                hparams.sample(local_size, perturb=config.tune and config.tune_scales), hparams)
             outputs = self.model(self.model.preprocess(inputs), sample, training=False, seed=None)
             loss = tf.reduce_sum(self.model.loss(targets, outputs)) / global_size
             entropy = hparams.entropy()
@@ -251,7 +296,8 @@ class StnTrainer(tf.Module):
 
     def _evaluate(self, inputs, targets):
         """Sums of loss and metrics at the current, unperturbed hyperparameters (eval mode)."""
-        sample = self.hparams.sample(tf.shape(targets)[0], perturb=False)
+        sample = self.method.prepare(self.hparams.sample(tf.shape(targets)[0], perturb=False),
+                                     self.hparams)
         outputs = self.model(self.model.preprocess(inputs), sample, training=False, seed=None)
         sums = {"loss": tf.reduce_sum(self.model.loss(targets, outputs))}
         for key, value in self.model.metrics(targets, outputs).items():

@@ -233,7 +233,8 @@ class _Loop:
         if phase == "tune":
             improved, new_lr = self.schedule.end_epoch(metrics["val_loss"], learning_rate)
             if new_lr != learning_rate:
-                self.trainer.weight_optimizer.learning_rate.assign(new_lr)
+                for optimizer in self.trainer.weight_optimizers:
+                    optimizer.learning_rate.assign(new_lr)
                 logging.info("epoch %d: learning rate decayed to %.2e", self.epoch + 1, new_lr)
             if improved:
                 self.best.save()

@@ -131,7 +131,8 @@ def test_folded_model_equals_stn_model(network):
 def test_folded_model_does_half_the_work():
     model, hparams = _cnn()
     folded = export.fold_model(model, hparams.unconstrained_value)
-    stn_weights = sum(int(np.prod(layer.kernel.shape)) for _, layer in export.stn_layers(model))
+    stn_weights = sum(int(np.prod(kernel.shape)) for _, layer in export.stn_layers(model)
+                      for kernel in (layer.elementary_kernel, layer.response_kernel))
     folded_weights = sum(int(np.prod(conv.kernel.shape)) for conv in folded.convs)
     folded_weights += sum(int(np.prod(d.kernel.shape)) for d in (folded.dense, folded.logits))
     assert 2 * folded_weights == stn_weights

@@ -17,11 +17,12 @@ def _randomise(layer, seed, gate_std=0.7, scale=1.7):
 
 
 def _split(layer):
-    kernel, bias = layer.kernel.numpy().astype(np.float64), layer.bias.numpy().astype(np.float64)
     d = layer.output_size
-    gate_kernel = layer.gate_kernel.numpy().astype(np.float64)
-    return (kernel[..., :d], kernel[..., d:], bias[:d], bias[d:], gate_kernel[:, :d],
-            gate_kernel[:, d:], float(layer.elementary_scale.numpy()))
+    w_e, w_h, b_e, b_h, gate_kernel = (v.numpy().astype(np.float64) for v in (
+        layer.elementary_kernel, layer.response_kernel, layer.elementary_bias,
+        layer.response_bias, layer.gate_kernel))
+    return (w_e, w_h, b_e, b_h, gate_kernel[:, :d], gate_kernel[:, d:],
+            float(layer.elementary_scale.numpy()))
 
 
 def _numpy_dense(layer, x, h):
@@ -137,11 +138,14 @@ def test_stn_dense_under_tf_function_with_unknown_batch():
 def test_stn_dense_initialisation(input_size):
     layer = StnDense(input_size, 64, num_hparams=40, seed=0)
     bound = 1.0 / math.sqrt(input_size)
-    for variable in (layer.kernel, layer.bias):
+    for variable in (layer.elementary_kernel, layer.response_kernel, layer.elementary_bias,
+                     layer.response_bias):
         values = np.abs(variable.numpy())
         assert values.max() <= bound
         assert values.max() > 0.9 * bound  # uniform over the whole range, not a narrower one
-    assert layer.kernel.shape == (input_size, 128) and layer.bias.shape == (128,)
+    assert layer.elementary_kernel.shape == layer.response_kernel.shape == (input_size, 64)
+    assert layer.elementary_bias.shape == layer.response_bias.shape == (64,)
+    assert not np.allclose(layer.elementary_kernel.numpy(), layer.response_kernel.numpy())
     assert layer.gate_kernel.shape == (40, 128)
     gates = layer.gate_kernel.numpy()
     assert abs(gates.mean()) < 0.001
@@ -151,9 +155,9 @@ def test_stn_dense_initialisation(input_size):
 
 def test_same_seed_same_initialisation():
     a, b, c = StnDense(3, 4, 2, seed=5), StnDense(3, 4, 2, seed=5), StnDense(3, 4, 2, seed=6)
-    np.testing.assert_array_equal(a.kernel.numpy(), b.kernel.numpy())
-    np.testing.assert_array_equal(a.gate_kernel.numpy(), b.gate_kernel.numpy())
-    assert not np.allclose(a.kernel.numpy(), c.kernel.numpy())
+    for name in ("elementary_kernel", "response_kernel", "response_bias", "gate_kernel"):
+        np.testing.assert_array_equal(getattr(a, name).numpy(), getattr(b, name).numpy())
+        assert not np.allclose(getattr(a, name).numpy(), getattr(c, name).numpy())
 
 
 def test_invalid_sizes_are_rejected():
@@ -225,10 +229,12 @@ def test_stn_conv2d_under_tf_function_with_unknown_batch():
 def test_stn_conv2d_initialisation():
     layer = StnConv2D(8, 64, kernel_size=3, num_hparams=16, seed=0)
     bound = 1.0 / math.sqrt(8 * 3 * 3)  # fan_in = C_in k k
-    assert layer.kernel.shape == (3, 3, 8, 128)
-    assert np.abs(layer.kernel.numpy()).max() <= bound
-    assert np.abs(layer.kernel.numpy()).max() > 0.9 * bound
-    assert np.abs(layer.bias.numpy()).max() <= bound
+    assert layer.elementary_kernel.shape == layer.response_kernel.shape == (3, 3, 8, 64)
+    for kernel in (layer.elementary_kernel, layer.response_kernel):
+        assert np.abs(kernel.numpy()).max() <= bound
+        assert np.abs(kernel.numpy()).max() > 0.9 * bound
+    for bias in (layer.elementary_bias, layer.response_bias):
+        assert np.abs(bias.numpy()).max() <= bound
     assert layer.gate_kernel.numpy().std() == pytest.approx(0.01, rel=0.08)
     assert float(layer.elementary_scale.numpy()) == 1.0
 

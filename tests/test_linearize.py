@@ -86,7 +86,7 @@ def test_gradient_reaches_response_parameters_through_the_jvp():
 
 def test_compiles_once_for_dynamic_batch_sizes():
     net = _TwoLayers()
-    variables = [net.out.kernel, net.hidden.gate_kernel]
+    variables = [net.out.response_kernel, net.hidden.gate_kernel]
     traces = []
 
     @tf.function(input_signature=[tf.TensorSpec([None, 4]), tf.TensorSpec([None, H])])

@@ -78,7 +78,7 @@ def test_stn_l2_penalty_at_one_input_is_the_decay_of_the_folded_kernel():
     layer.gate_kernel.assign(RNG.normal(size=(2, 8)).astype(np.float32))
     layer.elementary_scale.assign(0.8)
     hnet_input = tf.constant([[0.3, -1.2]])
-    kernel_e, kernel_h = tf.split(layer.kernel, 2, axis=-1)
+    kernel_e, kernel_h = layer.elementary_kernel, layer.response_kernel
     weight_gate, _ = layer.gates(hnet_input)
     got = stn_l2_penalty([0.01], kernel_e, kernel_h, layer.elementary_scale, weight_gate)
     folded_kernel, _ = layer.folded(hnet_input[0])

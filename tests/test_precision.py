@@ -29,8 +29,10 @@ def _randomised(layer, seed):
 
 def _numpy_reference(layer, x, h):
     """The layer's formula in float64 NumPy (a 1x1 conv is a matmul over channels)."""
-    kernel = layer.kernel.numpy().astype(np.float64).reshape(-1, 2 * layer.output_size)
-    bias, gate_kernel = layer.bias.numpy().astype(np.float64), layer.gate_kernel.numpy()
+    kernel = np.concatenate([layer.elementary_kernel.numpy(), layer.response_kernel.numpy()],
+                            axis=-1).astype(np.float64).reshape(-1, 2 * layer.output_size)
+    bias = np.concatenate([layer.elementary_bias.numpy(), layer.response_bias.numpy()])
+    bias, gate_kernel = bias.astype(np.float64), layer.gate_kernel.numpy()
     d, c = layer.output_size, float(layer.elementary_scale.numpy())
     both = x.astype(np.float64) @ kernel
     gates = h.astype(np.float64) @ gate_kernel.astype(np.float64)

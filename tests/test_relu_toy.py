@@ -10,6 +10,12 @@ from stn_pipeline import experiments, run
 from stn_pipeline.hparams import HyperParameters
 from stn_pipeline.models.relu_toy import ReluToy, input_range_hparam
 
+def _stacked(layer, what):
+    """W_e and W_h (or b_e and b_h) side by side, [..., 2 D_out]."""
+    return np.concatenate([getattr(layer, f"elementary_{what}").numpy(),
+                           getattr(layer, f"response_{what}").numpy()], axis=-1)
+
+
 
 def test_input_range_starts_at_its_init_and_stays_positive():
     hparams = HyperParameters([input_range_hparam(1.5, scale_init=0.2)], seed=0)
@@ -48,7 +54,7 @@ def test_relu_toy_forward_matches_numpy():
     a = x.astype(np.float64)
     for index, layer in enumerate(model.hidden + [model.head]):
         d = layer.output_size
-        kernel, bias = layer.kernel.numpy(), layer.bias.numpy()
+        kernel, bias = _stacked(layer, "kernel"), _stacked(layer, "bias")
         gates = h @ layer.gate_kernel.numpy()
         a = (layer.elementary_scale.numpy() * (a @ kernel[:, :d] + bias[:d])
              + gates[:, :d] * (a @ kernel[:, d:]) + gates[:, d:] * bias[d:])

@@ -11,6 +11,12 @@ from stn_pipeline.trainer import StnTrainer, TrainerConfig
 
 INPUTS, CLASSES, HIDDEN = 4, 3, 16
 
+def _stacked(layer, what):
+    """W_e and W_h (or b_e and b_h) side by side, [..., 2 D_out]."""
+    return np.concatenate([getattr(layer, f"elementary_{what}").numpy(),
+                           getattr(layer, f"response_{what}").numpy()], axis=-1)
+
+
 
 class TinyNet(StnClassifier):
     """StnDense -> ReLU -> per-example dropout -> StnDense.
@@ -65,7 +71,7 @@ def _hparam_variables(trainer):
 
 def _numpy_stn_dense(layer, x, h):
     d = layer.output_size
-    kernel, bias = layer.kernel.numpy().astype(np.float64), layer.bias.numpy().astype(np.float64)
+    kernel, bias = (_stacked(layer, w).astype(np.float64) for w in ("kernel", "bias"))
     gates = h @ layer.gate_kernel.numpy().astype(np.float64)
     c = float(layer.elementary_scale.numpy())
     return (c * (x @ kernel[:, :d] + bias[:d]) + gates[:, :d] * (x @ kernel[:, d:])
@@ -209,8 +215,8 @@ def test_first_sgd_weight_step_matches_a_numpy_gradient():
     _randomise_gates(trainer)
     inputs, targets = (t.numpy() for t in _batch(8, seed=4))
     head = trainer.model.head
-    bias_before = head.bias.numpy().astype(np.float64)
-    kernel_before = head.kernel.numpy().astype(np.float64)
+    bias_before = _stacked(head, "bias").astype(np.float64)
+    kernel_before = _stacked(head, "kernel").astype(np.float64)
     gate_kernel_before = head.gate_kernel.numpy().astype(np.float64)
     logits, hidden, h = _numpy_forward(trainer, inputs)
     out = trainer.weight_step(tf.constant(inputs), tf.constant(targets))
@@ -223,7 +229,7 @@ def test_first_sgd_weight_step_matches_a_numpy_gradient():
     bias_gate = h @ gate_kernel_before[:, CLASSES:]
     c = 1.0  # elementary_scale before the step
     d_bias = np.concatenate([c * d_logits.sum(0), (bias_gate * d_logits).sum(0)])
-    np.testing.assert_allclose(head.bias.numpy(), bias_before - lr * d_bias, rtol=1e-4,
+    np.testing.assert_allclose(_stacked(head, "bias"), bias_before - lr * d_bias, rtol=1e-4,
                                atol=1e-6)
     # The elementary scale: dL/dc = sum(d_logits * (hidden W_e + b_e)).
     elementary = hidden @ kernel_before[:, :CLASSES] + bias_before[:CLASSES]
