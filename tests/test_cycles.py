@@ -23,6 +23,7 @@ from stn_pipeline import checkpoints, experiments, run
 from stn_pipeline.config import ConfigError
 from stn_pipeline.trainer import CYCLE_STATUS, StnTrainer
 from stn_pipeline.training import NonFiniteError
+from test_resume import _variables
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 NAN_BATCH = 4  # 0-based index of the poisoned training batch: weight step 5
@@ -176,12 +177,6 @@ def _train(logdir, *flags, wait=True):
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def _variables(path):
-    reader = tf.train.load_checkpoint(path)
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-            if "OBJECT_GRAPH" not in n and "train_seconds" not in n}
-
-
 def test_killed_run_resumes_bitwise_at_a_call_boundary(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _train(a).returncode == 0
@@ -193,7 +188,7 @@ def test_killed_run_resumes_bitwise_at_a_call_boundary(tmp_path):
                  for p in glob.glob(str(b / "checkpoints" / "ckpt-*.index"))]
         return max(steps, default=0)
 
-    while newest() < 100:  # past the third epoch: the checkpoint at 102 rounds up 100
+    while newest() < 100:  # in the fourth epoch (steps 97-128): 100 rounded up to 102
         assert time.time() < deadline and process.poll() is None, "no checkpoint appeared"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
