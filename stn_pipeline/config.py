@@ -194,6 +194,8 @@ HELP = {
     "max_steps": "Cap on weight steps (0: none); also --max_cycles.",
     "checkpoint_every": "Weight steps between resume checkpoints (0: only at epoch ends).",
     "on_nan": "'stop' (exit non-zero) or 'skip' (skip and count) a non-finite step.",
+    "cycles_per_execution": "Cycles (weight steps, then hyper steps) per compiled call; "
+                            "logs and checkpoints fall on call ends (README 'Cycles per call').",
     "dataset": "'cifar10' (or any TFDS image classification name) or 'folder:<dir>'.",
     "data_dir": "TFDS data folder.",
     "valid_fraction": "Part of the training split held out for hyper steps and selection.",
@@ -205,8 +207,9 @@ HELP = {
     "toy_train_size": "relu_toy: number of training points.",
 }
 
-_POSITIVE = ("batch_size", "epochs", "train_steps", "log_every", "toy_depth", "toy_width",
-             "toy_train_size", "keep_checkpoints", "weight_lr", "hyper_lr", "scale_lr", "toy_r0")
+_POSITIVE = ("batch_size", "epochs", "train_steps", "log_every", "cycles_per_execution",
+             "toy_depth", "toy_width", "toy_train_size", "keep_checkpoints", "weight_lr",
+             "hyper_lr", "scale_lr", "toy_r0")
 _NON_NEGATIVE = ("max_steps", "warmup_epochs", "hyper_steps", "nonmono", "patience",
                  "max_examples", "tau", "checkpoint_every", "min_lr")
 _OPEN_UNIT = ("valid_fraction", "decay_factor")

@@ -30,9 +30,10 @@ CONFIG_FILE = "config.json"
 # Settings that may change on resume: the budget (an extension), logging and checkpoint cadence
 # and retention, and the policy for non-finite steps (a run that meets none trains the same; a
 # skipped step is counted). Not `patience`, `nonmono` and the like: they are the schedule.
-# precision too: checkpoints are float32 whatever precision computed the steps (issue 13).
+# Also how the same steps are computed: `precision` (checkpoints are float32 at either) and
+# `cycles_per_execution` (the same steps in the same order, grouped into fewer calls).
 RESUMABLE = frozenset({"epochs", "max_steps", "log_every", "checkpoint_every",
-                       "keep_checkpoints", "on_nan", "precision"})
+                       "keep_checkpoints", "on_nan", "precision", "cycles_per_execution"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ from stn_pipeline.linearize import linearized
 from stn_pipeline.models.base import StnModel
 from stn_pipeline.seeds import stream_seed
 
-__all__ = ["StnTrainer", "TrainerConfig"]
+__all__ = ["CYCLE_STATUS", "StnTrainer", "TrainerConfig"]
 
 
 def _all_finite(tensors) -> tf.Tensor:
@@ -80,6 +80,9 @@ class TrainerConfig:
     tune_scales: bool = True
     method: str = "stn"
 
+
+# `status` of `StnTrainer.run_cycles`: all steps ran, or which kind of step ended the call.
+CYCLE_STATUS = ("running", "weight", "hyper", "hparams")
 
 # A parameter group: the optimizer that updates it and its variables, in the optimizer's order.
 Update = tuple[tf.Module, Sequence[tf.Variable]]
@@ -147,6 +150,9 @@ class StnTrainer(tf.Module):
         self.hyper_step = self._compile(self._hyper_step)
         self.evaluate = self._compile(self._evaluate)
         self.hyperparameters = tf.function(self._hyperparameters, input_signature=[])
+        # Several cycles per call (`run_cycles`); traced on first use only.
+        self.compiled_cycles = tf.function(self._cycles)
+        self._cycle_specs = None
 
     @property
     def weight_optimizers(self) -> list[tf.Module]:
@@ -170,8 +176,8 @@ class StnTrainer(tf.Module):
             return dataset
         return self.strategy.distribute_datasets_from_function(distribute.input_fn(dataset))
 
-    def _compile(self, replica_fn: Callable) -> Callable:
-        """A compiled step running `replica_fn` on every replica through `strategy.run`.
+    def _cross_replica(self, replica_fn: Callable) -> Callable:
+        """`replica_fn` run on every replica through `strategy.run` (not compiled).
 
         Replica functions all-reduce what they return, so every replica holds the same values
         and the first local one is the result.
@@ -181,6 +187,11 @@ class StnTrainer(tf.Module):
             return tf.nest.map_structure(
                 lambda value: self.strategy.experimental_local_results(value)[0], outputs)
 
+        return step
+
+    def _compile(self, replica_fn: Callable) -> Callable:
+        """A compiled step running `replica_fn` on every replica (`_cross_replica`)."""
+        step = self._cross_replica(replica_fn)
         if self.replicated:
             # Per-replica pieces carry concrete shapes; relax them instead of retracing per shape.
             return tf.function(step, reduce_retracing=True)
@@ -309,6 +320,85 @@ class StnTrainer(tf.Module):
         """The current constrained values, perturbation scales and names."""
         return {"values": self.hparams.constrained(), "scales": self.hparams.scale(),
                 "names": tf.constant(self.hparams.names)}
+
+    def run_cycles(self, train_batches, hyper_batches, *, first_step: int, weight_steps: int,
+                   train_steps: int, hyper_steps: int, stop_on_nan: bool) -> dict:
+        """Weight steps and the hyper steps of the cycles they complete, in one compiled call.
+
+        Runs up to `weight_steps` weight steps on batches drawn from the iterator
+        `train_batches`, numbered from `first_step + 1`; after each one whose number is a
+        multiple of `train_steps` (a cycle's end), `hyper_steps` hyper steps on batches of
+        `hyper_batches`. Batches, seeds and updates follow the order of the same steps called
+        one by one. A step whose loss or gradient is not finite is not applied (as
+        `weight_step` and `hyper_step`); with `stop_on_nan` the call ends at it, otherwise it
+        is counted in `skipped`. Non-finite hyperparameters after a cycle always end the call.
+        Every argument but the iterators is passed as a tensor: one trace serves every call.
+
+        Returns:
+          `weight` and `hyper`: the outputs of the last weight and hyper step (the latter all
+          zeros when none ran); `weight_steps` and `hyper_steps`: how many ran (a failing one
+          included); `skipped`; `status`: one of `CYCLE_STATUS` (0: all ran).
+        """
+        if self._cycle_specs is None:
+            self._cycle_specs = self._step_output_specs()
+        return self.compiled_cycles(
+            train_batches, hyper_batches, tf.constant(first_step, tf.int64),
+            tf.constant(weight_steps, tf.int32), tf.constant(train_steps, tf.int64),
+            tf.constant(hyper_steps, tf.int32), tf.constant(stop_on_nan))
+
+    def _step_output_specs(self):
+        """Specs of what the weight and the hyper step return (loop variables of `_cycles`)."""
+        weight_step = self._cross_replica(self._weight_step)
+        hyper_step = self._cross_replica(self._hyper_step)
+        # A trace only, never run: plain tensors go to every replica alike.
+        traced = tf.function(lambda x, y: (weight_step(x, y), hyper_step(x, y)))
+        outputs = traced.get_concrete_function(self.input_spec, self.target_spec)
+        return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype),
+                                     outputs.structured_outputs)
+
+    def _cycles(self, train_batches, hyper_batches, first_step, weight_steps, train_steps,
+                hyper_steps, stop_on_nan):
+        """The body of `run_cycles`: nested while loops in the cross-replica context."""
+        weight_step = self._cross_replica(self._weight_step)
+        hyper_step = self._cross_replica(self._hyper_step)
+        specs = self._cycle_specs
+        initial = tf.nest.map_structure(
+            lambda s: tf.zeros([d or 0 for d in s.shape.as_list()], s.dtype), specs)
+        invariants = tf.nest.map_structure(lambda s: s.shape, specs)
+        running, scalar = CYCLE_STATUS.index("running"), tf.TensorShape([])
+
+        def failed(finite, status, skipped, code):
+            """The status and skip count after a step with this `finite` flag."""
+            bad = tf.logical_not(finite)
+            status = tf.where(bad & stop_on_nan, CYCLE_STATUS.index(code), status)
+            return status, skipped + tf.cast(bad & tf.logical_not(stop_on_nan), tf.int64)
+
+        def hyper_body(count, status, skipped, hyper_out):
+            hyper_out = hyper_step(*next(hyper_batches))
+            status, skipped = failed(hyper_out["finite"], status, skipped, "hyper")
+            return count + 1, status, skipped, hyper_out
+
+        def weight_body(done, hyper_done, status, skipped, weight_out, hyper_out):
+            weight_out = weight_step(*next(train_batches))
+            status, skipped = failed(weight_out["finite"], status, skipped, "weight")
+            done += 1
+            at_cycle_end = (first_step + tf.cast(done, tf.int64)) % train_steps == 0
+            cycle = tf.where(at_cycle_end & (status == running), hyper_steps, 0)
+            count, status, skipped, hyper_out = tf.while_loop(
+                lambda count, status, *_: (count < cycle) & (status == running), hyper_body,
+                (0, status, skipped, hyper_out),
+                shape_invariants=(scalar, scalar, scalar, invariants[1]))
+            finite = tf.reduce_all(tf.math.is_finite(self.hparams.constrained()))
+            status = tf.where((count > 0) & (status == running) & tf.logical_not(finite),
+                              CYCLE_STATUS.index("hparams"), status)
+            return done, hyper_done + count, status, skipped, weight_out, hyper_out
+
+        done, hyper_done, status, skipped, weight_out, hyper_out = tf.while_loop(
+            lambda done, _, status, *__: (done < weight_steps) & (status == running),
+            weight_body, (0, 0, running, tf.constant(0, tf.int64), *initial),
+            shape_invariants=(scalar,) * 4 + invariants)
+        return {"weight": weight_out, "hyper": hyper_out, "weight_steps": done,
+                "hyper_steps": hyper_done, "skipped": skipped, "status": status}
 
     def evaluate_dataset(self, dataset: tf.data.Dataset) -> dict[str, float]:
         """Mean loss and metrics over a finite dataset of batches (eager loop over batches)."""

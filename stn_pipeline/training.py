@@ -19,7 +19,7 @@ from absl import logging
 
 from stn_pipeline.schedule import Schedule, ScheduleConfig
 from stn_pipeline.summaries import RunLogger
-from stn_pipeline.trainer import StnTrainer
+from stn_pipeline.trainer import CYCLE_STATUS, StnTrainer
 
 __all__ = ["LoopState", "NonFiniteError", "RunData", "fit"]
 
@@ -81,12 +81,16 @@ class LoopOptions:
       max_steps: cap on weight steps (0: none); stops mid-epoch, then evaluates.
       checkpoint_every: weight steps between checkpoints (0: only at epoch ends).
       on_nan: "stop" raises `NonFiniteError`; "skip" skips the step and counts it.
+      cycles_per_execution: cycles per compiled call (`StnTrainer.run_cycles`); 1 calls every
+        step separately. Above 1, everything the loop does between steps happens at the end of
+        a call: a summary or checkpoint due inside a call is written at its end.
     """
 
     log_every: int = 50
     max_steps: int = 0
     checkpoint_every: int = 0
     on_nan: str = "stop"
+    cycles_per_execution: int = 1
 
 
 def _format(values: dict[str, float]) -> str:
@@ -162,11 +166,17 @@ class _Loop:
         if bool(outputs["finite"]):
             return
         if self.options.on_nan == "stop":
-            raise NonFiniteError(
-                f"non-finite {what} loss or gradient at weight step {self.step} (loss="
-                f"{float(outputs['loss'])}); stopped without applying it. The last checkpoint is "
-                "intact; rerun with --on_nan=skip to skip such steps.")
-        self.state.skipped.assign_add(1)
+            raise self.non_finite(what, outputs)
+        self.count_skipped(1)
+
+    def non_finite(self, what: str, outputs: dict) -> NonFiniteError:
+        return NonFiniteError(
+            f"non-finite {what} loss or gradient at weight step {self.step} (loss="
+            f"{float(outputs['loss'])}); stopped without applying it. The last checkpoint is "
+            "intact; rerun with --on_nan=skip to skip such steps.")
+
+    def count_skipped(self, count: int) -> None:
+        self.state.skipped.assign_add(count)
         self.logger.scalars(self.step, {"skipped_nonfinite_steps": int(self.state.skipped.numpy())},
                             "train/")
 
@@ -176,8 +186,12 @@ class _Loop:
         learning_rate = float(self.trainer.weight_optimizer.learning_rate.numpy())
         hyper_now = self.tuning and self.epoch >= self.config.warmup_epochs
         weight_out = None
-        while self.step < min((self.epoch + 1) * self.data.steps_per_epoch, self.total_steps):
-            weight_out = self.cycle_step(hyper_now)
+        epoch_end = min((self.epoch + 1) * self.data.steps_per_epoch, self.total_steps)
+        while self.step < epoch_end:
+            if self.options.cycles_per_execution == 1:
+                weight_out = self.cycle_step(hyper_now)
+            else:
+                weight_out = self.cycles_call(hyper_now, epoch_end)
         self.state.train_seconds.assign_add(time.time() - epoch_start)
         return self.end_epoch(learning_rate, weight_out, epoch_start)
 
@@ -196,6 +210,44 @@ class _Loop:
             self.save_record()
             self.checkpoints.save(self.step)
         return weight_out
+
+    def cycles_call(self, hyper_now: bool, epoch_end: int) -> dict:
+        """`cycles_per_execution` cycles in one compiled call, then what `cycle_step` does.
+
+        A call ends at the N-th cycle end after its start, or earlier at `epoch_end` (the
+        epoch's end or the step cap), so call boundaries depend on the step alone and a resumed
+        run makes the same calls. Its results are read once, with one host sync. A summary is
+        written when a multiple of `log_every` falls inside the call, a checkpoint when one of
+        `checkpoint_every` does and the call ends at a cycle's end (at an epoch end, `end_epoch`
+        writes one anyway).
+        """
+        train_steps, start = self.config.train_steps, self.step
+        stop = min(start - start % train_steps + self.options.cycles_per_execution * train_steps,
+                   epoch_end)
+        out = self.trainer.run_cycles(
+            self.train_batches, self.hyper_batches, first_step=start, weight_steps=stop - start,
+            train_steps=train_steps, hyper_steps=self.config.hyper_steps if hyper_now else 0,
+            stop_on_nan=self.options.on_nan == "stop")
+        status = CYCLE_STATUS[int(out["status"])]
+        self.step += int(out["weight_steps"])
+        hyper_steps = int(out["hyper_steps"])
+        self.hyper_steps += hyper_steps
+        if status == "hparams":
+            raise NonFiniteError(f"non-finite hyperparameters {self.trainer.hparams.as_dict()} "
+                                 f"after the hyper step at weight step {self.step}.")
+        if status != "running":
+            raise self.non_finite(f"{status}-step", out[status])
+        if int(out["skipped"]):
+            self.count_skipped(int(out["skipped"]))
+        hyper_out = out["hyper"] if hyper_steps else None
+        log_every, every = self.options.log_every, self.options.checkpoint_every
+        if self.step // log_every > start // log_every or self.step == self.total_steps:
+            self.log_step(out["weight"], hyper_out)
+        if (self.checkpoints is not None and every and self.step % train_steps == 0
+                and self.step // every > start // every):
+            self.save_record()
+            self.checkpoints.save(self.step)
+        return out["weight"]
 
     def hyper_cycle(self) -> dict:
         """The hyper steps of one cycle; returns the last one's outputs."""
