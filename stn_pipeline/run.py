@@ -56,6 +56,10 @@ def validate_config(config: RunConfig) -> None:
                           "drop --tune=true (plain runs train at fixed or replayed values).")
     if config.replay and config.network != "plain":
         raise ConfigError(f"--replay trains the plain network; drop --network={config.network}.")
+    if config.replay and config.loop.cycles_per_execution > 1:
+        # The replayed values change between weight steps, which one compiled call cannot see.
+        raise ConfigError("--replay sets the hyperparameters before every weight step; use "
+                          "--cycles_per_execution=1.")
     if config.replay:  # missing, unfinished, another experiment, other hyperparameters
         HParamTrajectory.from_run(config.replay, experiment=config.experiment,
                                   names=[spec.name for spec in selection.tuned])

@@ -85,3 +85,10 @@ def test_replay_assigns_discrete_values_exactly():
     for values in ([0.01, 0.0, 0.0], [0.3, 23.0, 3.0], [0.4999, 7.0, 1.0]):
         hparams.assign_values(values)
         np.testing.assert_allclose(hparams.constrained().numpy(), values, rtol=1e-5, atol=1e-6)
+
+
+def test_replay_with_several_cycles_per_call_is_refused(source, tmp_path):
+    config = experiments.default_config("relu_toy", **TOY, replay=source, cycles_per_execution=4)
+    with pytest.raises(run.ConfigError, match="--replay .*--cycles_per_execution=1"):
+        run.run_experiment(config, str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
