@@ -125,7 +125,7 @@ def main(argv):
             raise ValueError(f"--seeds={','.join(FLAGS.seeds)} must be integers >= 0 and "
                              f"--parallel={FLAGS.parallel} >= 1.")
         seeds = [int(seed) for seed in FLAGS.seeds]
-        specs = experiments.hparam_specs(experiments.RunConfig(experiment=FLAGS.experiment))
+        specs = experiments.hparam_specs(experiments.RunConfig(experiment=FLAGS.experiment)).tuned
     except KeyError:
         sys.exit(f"tuning.py: --experiment={FLAGS.experiment} is not one of "
                  f"{sorted(experiments.EXPERIMENTS)}.")

@@ -25,7 +25,7 @@ def test_streams_are_distinct_reproducible_and_follow_the_run_seed():
 def test_perturbation_and_step_generators_differ_for_one_seed():
     hparams = HyperParameters([HParam("input_range", 0.0, None, 1.0, kind="positive")], seed=0)
     trainer = StnTrainer(ReluToy(depth=1, width=4), hparams, tf.TensorSpec([None, 1], tf.float32),
-                         tf.TensorSpec([None, 1], tf.float32), TrainerConfig(seed=0))
+                         tf.TensorSpec([None, 1], tf.float32), TrainerConfig(), seed=0)
     perturbation = hparams.generator.normal([1000]).numpy()
     step = trainer.step_generator.normal([1000]).numpy()
     assert abs(np.corrcoef(perturbation, step)[0, 1]) < 0.15

@@ -32,6 +32,7 @@ class ScriptedTrainer:
         self.hparams = HyperParameters([HParam("rate", 0.0, 1.0, 0.5)], seed=0)
         self.config = TrainerConfig(tune=tune)
         self.weight_optimizer = _Optimizer(learning_rate)
+        self.weight_optimizers = [self.weight_optimizer]
         self.weights = tf.Variable(0.0)
         self.val_losses = list(val_losses)
         self.evaluations = 0

@@ -78,7 +78,7 @@ def test_sampler_is_fixed_per_seed_and_trial():
 
 
 def test_sampler_on_alexnet_declarations():
-    specs = experiments.hparam_specs(experiments.RunConfig(experiment="cifar_alexnet"))
+    specs = experiments.hparam_specs(experiments.RunConfig(experiment="cifar_alexnet")).tuned
     sample = arms.sample_hparams(specs, seed=0, trial=0)
     assert list(sample) == [spec.name for spec in specs]
     for spec in specs:
