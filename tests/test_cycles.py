@@ -9,10 +9,8 @@ import glob
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ from stn_pipeline import checkpoints, experiments, run
 from stn_pipeline.config import ConfigError
 from stn_pipeline.trainer import CYCLE_STATUS, StnTrainer
 from stn_pipeline.training import NonFiniteError
-from test_resume import _variables
+from test_resume import assert_same_final_checkpoint, kill_when
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 NAN_BATCH = 4  # 0-based index of the poisoned training batch: weight step 5
@@ -181,29 +179,20 @@ def test_killed_run_resumes_bitwise_at_a_call_boundary(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _train(a).returncode == 0
     process = _train(b, wait=False)
-    deadline = time.time() + 120
 
     def newest():
         steps = [int(re.search(r"ckpt-(\d+)", p).group(1))
                  for p in glob.glob(str(b / "checkpoints" / "ckpt-*.index"))]
         return max(steps, default=0)
 
-    while newest() < 100:  # in the fourth epoch (steps 97-128): 100 rounded up to 102
-        assert time.time() < deadline and process.poll() is None, "no checkpoint appeared"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # In the fourth epoch (steps 97-128): 100 rounded up to 102.
+    kill_when(process, lambda: newest() >= 100)
     assert not (b / "results.json").exists()
     resumed = _train(b)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at weight step" in resumed.stderr
-    final_a = tf.train.latest_checkpoint(str(a / "checkpoints"))
-    final_b = tf.train.latest_checkpoint(str(b / "checkpoints"))
-    assert os.path.basename(final_a) == os.path.basename(final_b) == "ckpt-256"
-    variables_a, variables_b = _variables(final_a), _variables(final_b)
-    assert variables_a.keys() == variables_b.keys() and len(variables_a) > 20
-    for name, value in variables_a.items():
-        np.testing.assert_array_equal(value, variables_b[name], err_msg=name)
+    assert_same_final_checkpoint(a, b)
+    assert os.path.basename(tf.train.latest_checkpoint(str(a / "checkpoints"))) == "ckpt-256"
     with open(a / "results.json") as fa, open(b / "results.json") as fb:
         results_a, results_b = json.load(fa), json.load(fb)
     for key in ("final_hparams", "trajectory", "history", "best_epoch"):

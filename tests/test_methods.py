@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_resume import _train, _variables
+from test_resume import _train, assert_same_final_checkpoint, kill_when
 from test_trainer import TinyNet, _batch, _hparams
 
 from stn_pipeline import checkpoints, methods
@@ -186,24 +186,12 @@ def test_init_from_a_checkpoint_of_the_other_method_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_killed_delta_stn_run_resumes_bitwise(tmp_path):
-    import signal
-    import time
     a, b = tmp_path / "a", tmp_path / "b"
     assert _train(a, "--method=delta_stn").returncode == 0
-    process = _train(b, "--method=delta_stn", wait=False)
-    deadline = time.time() + 120
-    while not (b / "checkpoints" / "ckpt-320.index").exists():
-        assert time.time() < deadline and process.poll() is None, "no checkpoint appeared"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(_train(b, "--method=delta_stn", wait=False),
+              lambda: (b / "checkpoints" / "ckpt-320.index").exists())
     resumed = _train(b, "--method=delta_stn")
     assert resumed.returncode == 0 and "resuming at weight step" in resumed.stderr
-    final_a = tf.train.latest_checkpoint(str(a / "checkpoints"))
-    final_b = tf.train.latest_checkpoint(str(b / "checkpoints"))
-    variables_a, variables_b = _variables(final_a), _variables(final_b)
-    assert any("response_optimizer" in name for name in variables_a)
-    assert variables_a.keys() == variables_b.keys()
-    for name, value in variables_a.items():
-        np.testing.assert_array_equal(value, variables_b[name], err_msg=name)
+    variables = assert_same_final_checkpoint(a, b)
+    assert any("response_optimizer" in name for name in variables)
     assert os.path.exists(b / "results.json")

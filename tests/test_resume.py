@@ -69,20 +69,18 @@ def _nan_inputs_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(StnTrainer, "__init__", build_then_wrap)
 
 
-def test_killed_run_resumes_bitwise(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert _train(a).returncode == 0
-    process = _train(b, wait=False)
-    deadline = time.time() + 120
-    while not (b / "checkpoints" / "ckpt-192.index").exists():
+def kill_when(process, condition, timeout: float = 120.0) -> None:
+    """SIGKILLs a training subprocess as soon as `condition()` holds (e.g. a checkpoint exists)."""
+    deadline = time.time() + timeout
+    while not condition():
         assert time.time() < deadline and process.poll() is None, "no checkpoint appeared"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (b / "results.json").exists()
-    resumed = _train(b)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming at weight step" in resumed.stderr
+
+
+def assert_same_final_checkpoint(a, b) -> dict:
+    """The newest checkpoints of runs `a` and `b` have the same name and bitwise equal values."""
     final_a = tf.train.latest_checkpoint(str(a / "checkpoints"))
     final_b = tf.train.latest_checkpoint(str(b / "checkpoints"))
     assert os.path.basename(final_a) == os.path.basename(final_b)
@@ -90,6 +88,18 @@ def test_killed_run_resumes_bitwise(tmp_path):
     assert variables_a.keys() == variables_b.keys() and len(variables_a) > 20
     for name, value in variables_a.items():
         np.testing.assert_array_equal(value, variables_b[name], err_msg=name)
+    return variables_a
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(a).returncode == 0
+    kill_when(_train(b, wait=False), lambda: (b / "checkpoints" / "ckpt-192.index").exists())
+    assert not (b / "results.json").exists()
+    resumed = _train(b)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at weight step" in resumed.stderr
+    assert_same_final_checkpoint(a, b)
     with open(a / "results.json") as fa, open(b / "results.json") as fb:
         results_a, results_b = json.load(fa), json.load(fb)
     assert results_a["final_hparams"] == results_b["final_hparams"]
