@@ -25,7 +25,7 @@ __all__ = ["ConvBlock", "PlainConvNet", "PlainMomentum", "PlainTrainer", "plain_
            "plain_cifar_cnn"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ConvBlock:
     """conv(k x k, stride, padding) -> relu -> [2x2 max-pool] -> channel-wise dropout."""
 
@@ -141,8 +141,9 @@ class PlainConvNet(tf.Module):
 def plain_cifar_cnn(image_shape=(32, 32, 3), num_classes=10, mean=(0.0,) * 3, std=(1.0,) * 3,
                     rate: float = 0.05, seed: int = 0, bias_add: bool = False) -> PlainConvNet:
     """`CifarCnn` without STN: 3x3 VALID convs 32 -> pool -> 64 -> pool -> 64, fc 64, fc K."""
-    blocks = [ConvBlock(32, padding="VALID", pool=True), ConvBlock(64, padding="VALID", pool=True),
-              ConvBlock(64, padding="VALID")]
+    blocks = [ConvBlock(filters=32, padding="VALID", pool=True),
+              ConvBlock(filters=64, padding="VALID", pool=True),
+              ConvBlock(filters=64, padding="VALID")]
     return PlainConvNet(image_shape, num_classes, mean, std, blocks, [64], fc_dropout=0,
                         rate=rate, seed=seed, bias_add=bias_add, name="plain_cifar_cnn")
 
@@ -152,8 +153,8 @@ def plain_alexnet(image_shape=(32, 32, 3), num_classes=10, mean=(0.0,) * 3, std=
                   bias_add: bool = False) -> PlainConvNet:
     """`CifarAlexNet` without STN: SAME 3x3 convs 64/2 -> pool -> 192 -> pool -> 384 -> 256 -> 256
     -> pool, dropout + fc 4096, dropout + fc 4096, fc K."""
-    blocks = [ConvBlock(64, stride=2, pool=True), ConvBlock(192, pool=True), ConvBlock(384),
-              ConvBlock(256), ConvBlock(256, pool=True)]
+    blocks = [ConvBlock(filters=64, stride=2, pool=True), ConvBlock(filters=192, pool=True),
+              ConvBlock(filters=384), ConvBlock(filters=256), ConvBlock(filters=256, pool=True)]
     return PlainConvNet(image_shape, num_classes, mean, std, blocks, [fc_width, fc_width],
                         fc_dropout=2, rate=rate, seed=seed, bias_add=bias_add,
                         name="plain_alexnet")

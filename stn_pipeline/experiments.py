@@ -35,7 +35,7 @@ __all__ = ["EXPERIMENTS", "Experiment", "RunConfig", "build_experiment", "build_
            "default_config", "hparam_specs"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Experiment:
     """Everything a run needs, built from a `RunConfig`."""
 
@@ -114,7 +114,8 @@ def build_relu_toy(config: RunConfig) -> Experiment:
         steps_per_epoch=max(1, config.toy.train_size // batch_size),
         batch_size=batch_size)
     spec = tf.TensorSpec([None, 1], tf.float32)
-    return Experiment(model, hparams, data, spec, spec, {"task": "regression y = x^2"})
+    return Experiment(model=model, hparams=hparams, data=data, input_spec=spec, target_spec=spec,
+                      metadata={"task": "regression y = x^2"})
 
 
 def _build_image_classifier(config: RunConfig, model_class) -> Experiment:
@@ -140,8 +141,9 @@ def _build_image_classifier(config: RunConfig, model_class) -> Experiment:
         test=None if splits.test is None else data_lib.eval_batches(splits.test, eval_batch),
         steps_per_epoch=info.num_train // batch_size,
         batch_size=batch_size)
-    return Experiment(model, hparams, data, tf.TensorSpec([None, *info.image_shape], tf.uint8),
-                      tf.TensorSpec([None], tf.int64), metadata)
+    return Experiment(model=model, hparams=hparams, data=data,
+                      input_spec=tf.TensorSpec([None, *info.image_shape], tf.uint8),
+                      target_spec=tf.TensorSpec([None], tf.int64), metadata=metadata)
 
 
 def build_image_experiment(config: RunConfig) -> Experiment:

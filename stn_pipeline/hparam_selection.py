@@ -19,7 +19,7 @@ from stn_pipeline.hparams import DISCRETE, HParam
 __all__ = ["HParamSelection", "select_hparams"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HParamSelection:
     """An experiment's hyperparameters split into tuned and fixed ones.
 
@@ -55,7 +55,7 @@ def select_hparams(text: str, own: Sequence[HParam], optional: Sequence[HParam] 
     by_name = {spec.name: spec for spec in available}
     entries = [entry.strip() for entry in text.split(",") if entry.strip()]
     if not entries:
-        return HParamSelection(tuple(own), ())
+        return HParamSelection(tuned=tuple(own), fixed=())
     chosen: dict[str, HParam] = {}
     for entry in entries:
         name, has_init, value = (part.strip() for part in entry.partition("="))
@@ -75,5 +75,5 @@ def select_hparams(text: str, own: Sequence[HParam], optional: Sequence[HParam] 
             except ValueError as error:
                 raise ValueError(f"{flag}: {error}") from None
         chosen[name] = spec
-    return HParamSelection(tuple(chosen[s.name] for s in available if s.name in chosen),
-                           tuple(s for s in own if s.name not in chosen))
+    return HParamSelection(tuned=tuple(chosen[s.name] for s in available if s.name in chosen),
+                           fixed=tuple(s for s in own if s.name not in chosen))

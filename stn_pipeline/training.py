@@ -30,7 +30,7 @@ class NonFiniteError(RuntimeError):
     """A loss, gradient or hyperparameter became NaN or infinite."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class RunData:
     """Batches for a run.
 
