@@ -12,6 +12,7 @@ stopped early (patience, learning-rate floor) only when asked with `--extend`.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from typing import Iterable
@@ -55,7 +56,8 @@ class StoredRun:
 
 
 def read_stored_run(logdir: str) -> StoredRun | None:
-    """The run in `logdir`; None when it holds none (neither config.json nor results.json).
+    """The run in `logdir`; None when it holds none (neither config.json nor results.json, or
+    only the config.json of an attempt that never trained: no checkpoint, no summaries).
 
     Raises:
       ConfigError: when one of them exists but cannot be read.
@@ -77,6 +79,12 @@ def read_stored_run(logdir: str) -> StoredRun | None:
                           f"({reason}); pass --overwrite to move it aside and start "
                           "anew.") from None
     latest = tf.train.latest_checkpoint(os.path.join(logdir, "checkpoints"))
+    if results is None and latest is None and not glob.glob(os.path.join(logdir, "events.*")):
+        # An attempt that stopped before training (e.g. its data could not be read): nothing to
+        # resume or protect, so the settings given now start the run anew.
+        logging.warning("--logdir=%s holds an attempt that never trained; starting anew.",
+                        logdir)
+        return None
     if results is not None and latest and _step(latest) > results["weight_steps"]:
         results = None  # an extension was interrupted: its checkpoints are newer than results
     return StoredRun(logdir=logdir, config=config, results=results, latest=latest)

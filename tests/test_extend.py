@@ -236,3 +236,16 @@ def test_lifted_rate_floor_stops_at_the_next_decay():
     assert schedule.stop_reason == ""
     _feed(schedule, [2.0], rate)  # 2.0 > min(1.0, 0.5, 3.0): decays again: stops
     assert "learning rate" in schedule.stop_reason
+
+
+def test_an_attempt_that_never_trained_does_not_block_other_settings(tmp_path):
+    """The README's offline path: the TFDS attempt fails on its data and leaves config.json;
+    rerunning with a local folder (other settings) must start, not be refused as a resume."""
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    failed = experiments.default_config("relu_toy", seed=3)
+    (logdir / "config.json").write_text(json.dumps(failed.to_dict()))
+    assert resume.read_stored_run(str(logdir)) is None
+    (logdir / "checkpoints").mkdir()  # a run that trained is still protected
+    tf.train.Checkpoint(v=tf.Variable(1.0)).save(str(logdir / "checkpoints" / "ckpt"))
+    assert resume.read_stored_run(str(logdir)).config == failed
