@@ -8,6 +8,8 @@ import platform
 
 import tensorflow as tf
 
+from stn_pipeline.files import atomic_write
+
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "BENCHMARKS.md")
 
@@ -33,7 +35,7 @@ def replace_section(name: str, body: str, path: str = BENCHMARKS_MD) -> None:
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as handle:
+    with atomic_write(path) as handle:
         handle.write(text)
 
 

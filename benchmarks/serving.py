@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -32,6 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import replace_section  # noqa: E402
 
 from stn_pipeline import export  # noqa: E402
 from stn_pipeline.hparams import HyperParameters  # noqa: E402
@@ -47,7 +51,6 @@ flags.DEFINE_bool("write", True, "Rewrite the serving section of BENCHMARKS.md."
 flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "BENCHMARKS.md"), "The markdown file to update.")
 
-START_MARK, END_MARK = "<!-- serving:start -->", "<!-- serving:end -->"
 IMAGE_SHAPE, NUM_CLASSES = (32, 32, 3), 10
 _BUILDERS = {"cifar_cnn": (CifarCnn, cifar_cnn_hparams),
              "cifar_alexnet": (CifarAlexNet, alexnet_hparams)}
@@ -133,24 +136,6 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, body: str) -> None:
-    """Replaces the marked serving section of `path` (appends it if absent)."""
-    block = f"{START_MARK}\n{body.rstrip()}\n{END_MARK}"
-    text = ""
-    if os.path.exists(path):
-        with open(path) as handle:
-            text = handle.read()
-    start, end = text.find(START_MARK), text.find(END_MARK)
-    if start >= 0 and end > start:
-        text = text[:start] + block + text[end + len(END_MARK):]
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "# Benchmarks\n\n") + block + "\n"
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
-
-
 def main(argv):
     del argv  # Unused.
     unknown = [m for m in FLAGS.models if m not in _BUILDERS]
@@ -170,7 +155,7 @@ def main(argv):
     body = _table(rows)
     print(body)
     if FLAGS.write:
-        write_section(FLAGS.output, body)
+        replace_section("serving", body, FLAGS.output)
         print(f"updated {FLAGS.output}")
 
 

@@ -26,10 +26,9 @@ import numpy as np
 import tensorflow as tf
 
 from stn_pipeline.config import ConfigError, RunConfig
+from stn_pipeline.resume import RESULTS_FILE
 
-__all__ = ["HParamTrajectory", "ReplayError", "RESULTS_FILE", "replay_config"]
-
-RESULTS_FILE = "results.json"  # what stn_pipeline.run writes when a run finishes
+__all__ = ["HParamTrajectory", "ReplayError", "replay_config"]
 
 
 class ReplayError(ConfigError):

@@ -13,9 +13,9 @@ from absl import logging
 from stn_pipeline import distribute, experiments, export, precision, resume
 from stn_pipeline.checkpoints import RunCheckpoints, restore_trainer
 from stn_pipeline.config import ConfigError, RunConfig, check_setting
-from stn_pipeline.files import atomic_write
+from stn_pipeline.files import atomic_write, write_json
 from stn_pipeline.replay import HParamTrajectory, replay_config
-from stn_pipeline.summaries import RunLogger, write_json
+from stn_pipeline.summaries import RunLogger
 from stn_pipeline.trainer import StnTrainer
 from stn_pipeline.training import LoopState, fit
 

@@ -19,9 +19,8 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
-from stn_pipeline.files import write_json  # noqa: F401 -- run.py writes its JSON through here
 
-__all__ = ["RunLogger", "write_json"]
+__all__ = ["RunLogger"]
 
 
 class RunLogger:

@@ -12,8 +12,9 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from stn_pipeline import experiments, run
+from stn_pipeline.files import write_json
 from stn_pipeline.models.relu_toy import input_range_hparam
-from stn_pipeline.summaries import RunLogger, write_json
+from stn_pipeline.summaries import RunLogger
 
 EPOCHS, WARMUP, LOG_EVERY = 3, 1, 5
 

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from stn_pipeline.hparams import DISCRETE, POSITIVE, HParam
+from stn_pipeline.resume import RESULTS_FILE
 
 ARMS = ("tuned", "delta_stn", "frozen", "plain", "random", "replay", "final")
 DEPENDENT_ARMS = ("replay", "final")
@@ -31,7 +32,6 @@ DEPENDENT_ARMS = ("replay", "final")
 # search samples its distance above the minimum log-uniformly within this many decades either
 # side of the initial distance (weight_decay from 1e-4: [1e-6, 1e-2]).
 POSITIVE_DECADES = 2.0
-RESULTS_FILE = "results.json"
 _ARM_FLAGS = {
     "tuned": [],
     "delta_stn": ["--method=delta_stn"],

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Sequence
 
+from stn_pipeline.files import atomic_write
 from stn_pipeline.hparams import HParam
 from study.arms import Run, StudySettings, fixed_hparams, read_results
 from study.runner import elapsed_minutes
@@ -87,15 +87,7 @@ def load(path: str) -> dict:
 
 def write(path: str, study: dict, runs: Sequence[dict]) -> None:
     """Writes the records atomically (a temporary file renamed over `path`)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".records-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump({"study": study, "runs": list(runs)}, stream, indent=1)
-            stream.write("\n")
-        os.chmod(temporary, 0o644)  # mkstemp makes it private
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as stream:
+        json.dump({"study": study, "runs": list(runs)}, stream, indent=1)
+        stream.write("\n")
