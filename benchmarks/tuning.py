@@ -5,7 +5,8 @@
       --rundir=runs/study --output=benchmarks/results/cifar_alexnet.json --benchmarks_md
 
 Arms in study/arms.py. One `stn-train` per run, `--parallel` at a time with one thread each;
-rerun the command to resume (finished runs are reused, unfinished ones resume). Writes the records
+rerun the command to resume (finished runs are reused, unfinished ones resume; a finished run in
+the records but not in `--rundir`, as on another machine, is restored from the records). Writes the records
 (`--output`), the report and PNG pictures beside them (`<output stem>.md`), and with
 `--benchmarks_md` the `tuning_<experiment>` section of BENCHMARKS.md. `--report_only`: report only.
 """
@@ -20,7 +21,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import BENCHMARKS_MD, machine_line, replace_section  # noqa: E402
+from report import BENCHMARKS_MD, cpu_bf16_line, machine_line, replace_section  # noqa: E402
 from study import arms, plots, records, runner, summary  # noqa: E402
 
 from stn_pipeline import experiments  # noqa: E402
@@ -51,6 +52,10 @@ def _settings() -> arms.StudySettings:
 
 def _run_study(settings, runs, specs, output: str) -> dict[str, str]:
     """Runs what is unfinished, writing the records after every finished run."""
+    # Restored runs keep their entries (and the machine they ran on): never collected anew.
+    restored = [run.logdir for run in records.restore(runs, settings, records.load(output)["runs"])]
+    for logdir in restored:
+        print(f"{os.path.basename(logdir)}: restored from {output}")
     failed = {}
     for run in runs:
         results = arms.read_results(run.logdir)
@@ -64,7 +69,8 @@ def _run_study(settings, runs, specs, output: str) -> dict[str, str]:
              "machine": machine_line(), "parallel": FLAGS.parallel}
 
     def write_records(unused_run=None):
-        entries = records.collect(runs, settings, specs, skip=list(failed))
+        entries = records.collect(runs, settings, specs, skip=list(failed) + restored,
+                                  machine=f"{machine_line()}; {cpu_bf16_line()}")
         records.write(output, study, records.merge(records.load(output)["runs"], entries))
 
     def start(run):

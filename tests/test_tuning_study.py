@@ -354,3 +354,27 @@ def test_minutes_add_up_over_resumed_sessions(tmp_path):
     # results.json says 120 s (its last session); the run cost 60 + 90 s over two sessions.
     assert runner.elapsed_minutes(runs[0].logdir) == pytest.approx(2.5)
     assert records.collect(runs, settings, SPECS)[0]["minutes"] == pytest.approx(2.5)
+
+
+def test_records_restore_finished_runs_into_an_empty_rundir(tmp_path):
+    # A study recorded on one machine, resumed on another whose rundir is empty.
+    settings = _settings(tmp_path)
+    runs = arms.plan_runs(settings, [("tuned", 1), ("frozen", 1), ("replay", 1)], [0], SPECS)
+    tuned, frozen, replay = runs
+    _finish(tuned.logdir, config={"epochs": 2, "seed": 0})
+    _finish(frozen.logdir, config={"epochs": 20, "seed": 0})  # another study's settings
+    runner.set_elapsed_minutes(tuned.logdir, 7.5)
+    entries = records.collect(runs, settings, SPECS)
+    moved = _settings(tmp_path / "elsewhere")
+    runs = arms.plan_runs(moved, [("tuned", 1), ("frozen", 1), ("replay", 1)], [0], SPECS)
+    assert records.restore(runs, moved, entries) == [runs[0]]
+    assert arms.read_results(runs[0].logdir) == arms.read_results(tuned.logdir)
+    assert arms.read_results(runs[1].logdir) is None  # mismatched settings: trains again
+    started = []
+    runner.run_all(runs, lambda run: _FakeProcess(run, 1, 0, started), parallel=2,
+                   sleep=lambda s: None, report=lambda line: None)
+    assert sorted(started) == sorted([runs[1].name, runs[2].name])  # the tuned run is reused
+    restored = records.collect(runs, moved, SPECS)[0]
+    assert restored["minutes"] == pytest.approx(7.5) and restored["trajectory"] == entries[0][
+        "trajectory"]
+    assert records.restore(runs, moved, entries) == []  # present now: nothing to restore

@@ -62,6 +62,12 @@ def elapsed_minutes(logdir: str) -> float | None:
         return sum(json.load(handle)["seconds"]) / 60.0
 
 
+def set_elapsed_minutes(logdir: str, minutes: float) -> None:
+    """Replaces the run's ledger by one session of `minutes` (a run restored from records)."""
+    with open(logdir + ELAPSED_SUFFIX, "w") as handle:
+        json.dump({"seconds": [minutes * 60.0]}, handle)
+
+
 def _note_elapsed(logdir: str, session: int | None, seconds: float) -> int:
     """Sets the seconds of `session` in the run's ledger (None: a new one); returns its index."""
     path = logdir + ELAPSED_SUFFIX

@@ -114,6 +114,19 @@ def compute_line(runs: Sequence[dict]) -> str:
             f"{statistics.mean(totals) / statistics.mean(tuned):.2f}x the tuned run.")
 
 
+def _machine_lines(runs: Sequence[dict]) -> list[str]:
+    """Where the runs ran, if the records say (minutes compare only on one machine)."""
+    machines = {}
+    for entry in runs:
+        if entry.get("machine"):
+            name = entry["arm"] + (f" t{entry['trial']}" if entry["trial"] is not None else "")
+            machines.setdefault(entry["machine"], []).append(f"{name} s{entry['seed']}")
+    if len(machines) < 2:
+        return [f"All runs on: {machine}." for machine in machines]
+    return ["Runs on more than one machine (their minutes do not compare):"] + [
+        f"- {machine}: {', '.join(names)}" for machine, names in machines.items()]
+
+
 def tuning_section(study: dict, runs: Sequence[dict], pictures: dict[str, str]) -> str:
     """The BENCHMARKS.md section of a study (`pictures`: caption -> relative PNG path)."""
     experiments = sorted({e["experiment"] for e in runs})
@@ -128,7 +141,8 @@ def tuning_section(study: dict, runs: Sequence[dict], pictures: dict[str, str]) 
              + "; ".join(f"{e}, {m or 'all'}, {p}" for e, m, p in settings)
              + ". Every figure is at the run's best-validation epoch; test on the test split. "
              "Spread: mean [min-max] over runs. Runs one thread each, "
-             f"{study.get('parallel', '?')} at a time.", "", *_arm_rows(runs), ""]
+             f"{study.get('parallel', '?')} at a time.", *_machine_lines(runs), "",
+             *_arm_rows(runs), ""]
     gain_rows = _gain_rows(runs)
     if len(gain_rows) > 2:
         lines += ["Gains of tuned (baseline minus tuned test loss; positive: tuning wins):", "",
