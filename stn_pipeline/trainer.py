@@ -199,13 +199,14 @@ class StnTrainer(tf.Module):
 
     # Replica step bodies: each runs in a replica context (see the module docstring).
 
-    def _descend(self, loss_fn: Callable, updates: Sequence[Update]):
+    def _descend(self, loss_fn: Callable, updates: Sequence[Update], allowed=True):
         """One all-reduced, finite-guarded gradient step of the parameter groups `updates`.
 
         `loss_fn()` returns `(loss, extras)`: this replica's share of the loss to descend and
         anything else to return. The step is applied only when the summed loss and every summed
-        gradient are finite, on every replica alike. Returns (summed loss, extras, finite): a
-        tensor flag, so that several steps can run inside one compiled call.
+        gradient are finite, on every replica alike, and `allowed` (a flag: the earlier updates
+        of the same weight step were finite). Returns (summed loss, extras, finite): a tensor
+        flag, so that several steps can run inside one compiled call.
 
         Steps are built from this and `hparams.sample`; a training method (`methods`) only
         changes what `loss_fn` feeds the model and which `updates` it descends.
@@ -218,8 +219,9 @@ class StnTrainer(tf.Module):
         loss, gradients = _global_sum((loss, gradients))
         finite = _all_finite([loss] + gradients)
         start = 0
+        apply = tf.logical_and(finite, allowed)
         for optimizer, group in updates:
-            optimizer.apply_replicated(gradients[start:start + len(group)], finite)
+            optimizer.apply_replicated(gradients[start:start + len(group)], apply)
             start += len(group)
         return loss, extras, finite
 
@@ -238,8 +240,9 @@ class StnTrainer(tf.Module):
         and runs the model with that one sample; the first update's loss and metrics are the
         step's. Per-example noise, augmentation and masks come from per-replica streams
         (generators made in the strategy scope); shared hyperparameters get one draw per global
-        batch. An update is applied only when its loss and every gradient are finite; the
-        returned `finite` flag (all updates) tells the loop to stop or count a skipped step.
+        batch. An update is applied only when its loss and every gradient are finite and so
+        were the step's earlier updates' (a skipped step changes nothing); the returned
+        `finite` flag (all updates) tells the loop to stop or count a skipped step.
         """
         local_size, global_size = self._global_batch_size(targets)
         results, finite = {}, tf.constant(True)
@@ -247,14 +250,14 @@ class StnTrainer(tf.Module):
             sample = self.method.prepare(self.hparams.sample(local_size, perturb=phase.perturb),
                                          self.hparams)
             loss, outputs, phase_finite, phase_targets = self._fit_phase(
-                inputs, targets, sample, phase, global_size)
+                inputs, targets, sample, phase, global_size, allowed=finite)
             finite = tf.logical_and(finite, phase_finite)
             if not results:
                 results.update(self._mean_metrics(phase_targets, outputs, global_size))
             results[f"{phase.name}loss"] = loss
         return {**results, "finite": finite, "hparam_values": _gather(sample.values)}
 
-    def _fit_phase(self, inputs, targets, sample: HParamSample, phase, global_size):
+    def _fit_phase(self, inputs, targets, sample: HParamSample, phase, global_size, allowed):
         """Augments with `sample` and descends the phase's group; the prediction is linearised
         in the hypernet input around zero when the phase says so."""
         seeds = self.step_generator.make_seeds(2)
@@ -270,7 +273,7 @@ class StnTrainer(tf.Module):
             losses = self.model.training_loss(targets, outputs, sample)  # loss terms: training only
             return tf.reduce_sum(losses) / global_size, outputs
 
-        loss, outputs, finite = self._descend(loss_fn, [self._group(phase.group)])
+        loss, outputs, finite = self._descend(loss_fn, [self._group(phase.group)], allowed)
         return loss, outputs, finite, targets
 
     def _hyper_step(self, inputs, targets):

@@ -100,6 +100,23 @@ def test_response_update_leaves_the_general_parameters_unchanged():
     assert all(_changed(response, trainer.response_weights))
 
 
+def test_a_non_finite_general_update_skips_the_whole_weight_step():
+    trainer = _delta_trainer()
+    model = trainer.model
+    training_loss = model.training_loss
+
+    def nan_at_the_current_values(targets, outputs, sample):  # the general update's sample only
+        at_current = tf.reduce_all(tf.equal(sample.hnet_input, 0.0))
+        return tf.where(at_current, np.nan, training_loss(targets, outputs, sample))
+
+    model.training_loss = nan_at_the_current_values
+    weights = trainer.weights + trainer.response_weights
+    before = [v.numpy() for v in weights]
+    out = trainer.weight_step(*_batch(16, seed=5))
+    assert np.isnan(out["loss"]) and np.isfinite(out["response_loss"])
+    assert not out["finite"] and not any(_changed(before, weights))
+
+
 def test_response_update_descends_the_linearised_loss():
     """First SGD step: change = -lr * gradient of the loss of f(0) + J Delta, with J Delta from a
     central difference in Delta (exact here: the net is quadratic in Delta between relu kinks)."""
