@@ -271,6 +271,18 @@ def test_report_gains_by_hand():
     assert "`python benchmarks/tuning.py --seeds=0,1` (test machine)" in section
 
 
+def test_report_names_the_machines_of_the_runs():
+    one = [dict(entry, machine="cpu A") for entry in REPORT_RUNS]
+    assert "All runs on: cpu A." in summary.tuning_section({}, one, {})
+    two = one[:2] + [dict(entry, machine="cpu B") for entry in one[2:4]]
+    section = summary.tuning_section({}, two, {})
+    assert "Runs on more than one machine (their minutes do not compare):" in section
+    assert "- cpu A: tuned s0, tuned s1" in section and "- cpu B: frozen s0, frozen s1" in section
+    trial = dict(REPORT_RUNS[4], machine="cpu A")
+    assert "- cpu A: tuned s0, tuned s1, random t0 s0" in summary.tuning_section(
+        {}, two + [trial], {})
+
+
 def test_report_refuses_mixed_experiments():
     with pytest.raises(ValueError, match="2 experiments"):
         summary.tuning_section({}, REPORT_RUNS + [dict(REPORT_RUNS[0], experiment="relu_toy")],
