@@ -14,7 +14,7 @@ BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "BENCHMARKS.md")
 
 
-def machine_line() -> str:
+def machine_line(date: bool = True) -> str:
     """Date, TensorFlow version, cores and CPU model, for the record next to the figures."""
     cpu = platform.processor() or platform.machine()
     try:
@@ -22,8 +22,8 @@ def machine_line() -> str:
             cpu = next(l.split(":", 1)[1].strip() for l in handle if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{datetime.date.today()}, TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, "
-            f"{cpu}")
+    return (f"{datetime.date.today()}, " * date + f"TensorFlow {tf.__version__}, "
+            f"{os.cpu_count()} CPU cores, {cpu}")
 
 
 def replace_section(name: str, body: str, path: str = BENCHMARKS_MD) -> None:

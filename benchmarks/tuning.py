@@ -70,7 +70,7 @@ def _run_study(settings, runs, specs, output: str) -> dict[str, str]:
 
     def write_records(unused_run=None):
         entries = records.collect(runs, settings, specs, skip=list(failed) + restored,
-                                  machine=f"{machine_line()}; {cpu_bf16_line()}")
+                                  machine=f"{machine_line(date=False)}; {cpu_bf16_line()}")
         records.write(output, study, records.merge(records.load(output)["runs"], entries))
 
     def start(run):
