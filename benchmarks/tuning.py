@@ -6,8 +6,8 @@
 
 Arms in study/arms.py. One `stn-train` per run, `--parallel` at a time with one thread each;
 rerun the command to resume (finished runs are reused, unfinished ones resume; a finished run in
-the records but not in `--rundir`, as on another machine, is restored from the records). Writes the records
-(`--output`), the report and PNG pictures beside them (`<output stem>.md`), and with
+the records but not in `--rundir`, as on another machine, is restored from the records). Writes
+the records (`--output`), the report and PNG pictures beside them (`<output stem>.md`), and with
 `--benchmarks_md` the `tuning_<experiment>` section of BENCHMARKS.md. `--report_only`: report only.
 """
 

@@ -40,10 +40,12 @@ def record(run: Run, settings: StudySettings, results: dict, specs: Sequence[HPa
         "precision": results.get("config", {}).get("precision", settings.precision),
         "best_epoch": results["best_epoch"], "val_loss": results["val_loss"],
         "val_accuracy": results.get("val_accuracy"), "test_loss": results.get("test_loss"),
-        "test_accuracy": results.get("test_accuracy"), "minutes": minutes if minutes is not None else results["wall_time_s"] / 60.0,
+        "test_accuracy": results.get("test_accuracy"),
+        "minutes": minutes if minutes is not None else results["wall_time_s"] / 60.0,
         "num_parameters": results.get("num_parameters"),
         "hparams": fixed if fixed is not None else dict(results["final_hparams"]),
-        "val_losses": _val_losses(results), "logdir": run.logdir, "machine": machine, "results": results,
+        "val_losses": _val_losses(results), "logdir": run.logdir, "machine": machine,
+        "results": results,
     }
     if run.arm in ("tuned", "delta_stn"):
         entry["trajectory"] = _trajectory(results)
